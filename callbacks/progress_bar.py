@@ -1,0 +1,56 @@
+"""A tqdm progress bar per epoch, showing the loss averaged over each log interval."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from tqdm.auto import tqdm
+
+from engine.state import RunState
+
+
+@attrs.define(eq=False)
+class ProgressBar:
+    """One bar per epoch on the main process. The postfix shows ``run.logged_metrics``, which
+    the engine refreshes every ``log_every`` steps, so the bar never reads the device itself."""
+
+    leave: bool = False
+    disable: bool = False
+    priority: int = 0
+    _bar: Any = attrs.field(default=None, init=False)
+    _shown_step: int = attrs.field(default=-1, init=False)
+
+    def on_epoch_start(self, run: RunState) -> None:
+        if not run.is_main_process or self.disable:
+            return
+        self._bar = tqdm(
+            total=run.steps_per_epoch,
+            initial=run.progress.batch_in_epoch,
+            desc=f"epoch {run.progress.epoch + 1}/{run.config.epochs}",
+            leave=self.leave,
+            dynamic_ncols=True,
+        )
+
+    def on_batch_end(self, run: RunState) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(1)
+        if run.logged_metrics and run.progress.step % run.config.log_every == 0:
+            self._bar.set_postfix(
+                {key: f"{value:.4g}" for key, value in run.logged_metrics.items()}, refresh=False
+            )
+
+    def on_epoch_end(self, run: RunState) -> None:
+        self._close()
+
+    def on_fit_end(self, run: RunState) -> None:
+        self._close()
+
+    def on_exception(self, run: RunState) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,48 @@
+"""strategy-engine's core: the loop, its config, events, data, precision and the ports."""
+
+from engine.config import EngineConfig
+from engine.context import StepContext
+from engine.distributed import World
+from engine.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelOutputError,
+    NonFiniteLossError,
+    StrategyError,
+)
+from engine.events import (
+    CHECKPOINT_PRIORITY,
+    EARLY_STOPPING_PRIORITY,
+    Event,
+    EventBus,
+    Subscription,
+)
+from engine.loop import Engine
+from engine.protocols import StepStrategy
+from engine.specs import OptimizerSpec, SchedulerSpec
+from engine.state import FitResult, Progress, RunState
+
+__all__ = [
+    "CHECKPOINT_PRIORITY",
+    "EARLY_STOPPING_PRIORITY",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "Engine",
+    "EngineConfig",
+    "Event",
+    "EventBus",
+    "FitResult",
+    "ModelOutputError",
+    "NonFiniteLossError",
+    "OptimizerSpec",
+    "Progress",
+    "RunState",
+    "SchedulerSpec",
+    "StepContext",
+    "StepStrategy",
+    "StrategyError",
+    "Subscription",
+    "World",
+]

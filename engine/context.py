@@ -1,0 +1,77 @@
+"""What the engine lends a strategy for each step: device, precision, counters, the world.
+
+The engine owns this object and updates the accumulation window before each ``train_step``;
+strategies read it and call ``forward`` and ``read_loss`` so that the model contract is checked
+the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from engine.distributed import World
+from engine.errors import ModelOutputError
+from engine.state import Progress
+
+ForwardFn = Callable[..., Any]
+
+
+def call_model(model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
+    """The default forward: ``model(batch, **kwargs)``."""
+    return model(batch, **kwargs)
+
+
+@attrs.define(eq=False)
+class StepContext:
+    """Run-wide settings and per-step counters a strategy reads.
+
+    ``micro_index``/``micro_count`` place the current batch in its accumulation window: the
+    optimisers step when ``micro_index == micro_count - 1``; losses are divided by
+    ``micro_count`` so that the accumulated gradient is that of the mean loss.
+    """
+
+    device: torch.device
+    precision: str
+    autocast: Callable[[], Any]
+    scaler: torch.amp.GradScaler | None
+    grad_clip_norm: float | None
+    nonfinite: str
+    progress: Progress
+    world: World = attrs.field(factory=World)
+    forward_fn: ForwardFn = call_model
+    micro_index: int = 0
+    micro_count: int = 1
+
+    @property
+    def is_update_step(self) -> bool:
+        return self.micro_index == self.micro_count - 1
+
+    def forward(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Mapping[str, Any]:
+        """Run the model under the run's autocast; its output must be a mapping."""
+        with self.autocast():
+            outputs = self.forward_fn(model, batch, **kwargs)
+        if not isinstance(outputs, Mapping):
+            raise ModelOutputError(
+                f"the model must return a mapping of named outputs (e.g. {{'loss': ...}}), "
+                f"got {type(outputs).__name__} at step {self.progress.step}"
+            )
+        return outputs
+
+    def read_loss(self, outputs: Mapping[str, Any], key: str) -> torch.Tensor:
+        """The scalar loss under ``key``; a missing or non-scalar loss is an error naming it."""
+        loss = outputs.get(key)
+        if loss is None:
+            raise ModelOutputError(
+                f"the model output has no loss {key!r} at step {self.progress.step}; "
+                f"keys present: {sorted(outputs)}"
+            )
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ModelOutputError(
+                f"loss {key!r} must be a scalar tensor, got {shape} at step {self.progress.step}"
+            )
+        return loss

@@ -1,0 +1,286 @@
+"""Turning what the user passes as data into batches for an epoch.
+
+In-memory tensors (a tensor, a dict of tensors, a ``TensorDataset``) take the fast path: whole
+batches are cut from a shuffled copy of the data, with no per-sample collation, and the data is
+moved to the device once. A map-style ``Dataset`` goes through a ``DataLoader`` driven by our
+batch sampler; an ``IterableDataset`` and a ready ``DataLoader`` are iterated as they are.
+
+Every epoch's order is derived from ``(seed, epoch)`` alone, so it is reproducible, different per
+epoch, the same on every rank, and an epoch can be restarted at any batch. Under several
+processes, each global batch of ``batch_size * world_size`` samples is split between the ranks,
+so every rank runs the same number of steps and N ranks see what one process with batch
+``N * batch_size`` would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from engine.distributed import World
+from engine.errors import DataError
+
+# Above this many bytes, batches are gathered one by one instead of from a shuffled copy.
+_SHUFFLED_COPY_LIMIT = 512 * 2**20
+_SEED_STRIDE = 1_000_003
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The random stream of one epoch's shuffle, independent of the global RNG."""
+    return torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The sample order of an epoch: a permutation of ``range(n)`` (identity without shuffle)."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=epoch_generator(seed, epoch))
+
+
+def batch_bounds(n: int, batch_size: int, drop_last: bool, world: World) -> list[tuple[int, int]]:
+    """This rank's ``[start, stop)`` slices of the epoch order, one per step."""
+    global_batch = batch_size * world.world_size
+    count = n // global_batch if drop_last else math.ceil(n / global_batch)
+    bounds = []
+    for index in range(count):
+        lo = index * global_batch
+        hi = min(lo + global_batch, n)
+        share = math.ceil((hi - lo) / world.world_size)
+        start = min(lo + world.rank * share, hi)
+        bounds.append((start, min(start + share, hi)))
+    return bounds
+
+
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Tensors inside dicts, lists and tuples moved to ``device``; anything else unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device, non_blocking) for value in batch)
+    return batch
+
+
+def _leaves(data: Any) -> list[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, Mapping):
+        return list(data.values())
+    return list(data)
+
+
+def _rebuild(template: Any, leaves: Sequence[torch.Tensor]) -> Any:
+    if isinstance(template, torch.Tensor):
+        return leaves[0]
+    if isinstance(template, Mapping):
+        return dict(zip(template.keys(), leaves))
+    return list(leaves)
+
+
+def _check_tensors(data: Any, name: str) -> int:
+    """The number of samples of in-memory data; mismatched or empty data is an error."""
+    leaves = _leaves(data)
+    if not leaves:
+        raise DataError(f"{name} data holds no tensors")
+    sizes = {}
+    keys = list(data.keys()) if isinstance(data, Mapping) else list(range(len(leaves)))
+    for key, leaf in zip(keys, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise DataError(f"{name} data entry {key!r} is a {type(leaf).__name__}, not a tensor")
+        if leaf.ndim == 0:
+            raise DataError(f"{name} data entry {key!r} is a 0-d tensor: it has no samples")
+        sizes[key] = leaf.shape[0]
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"{name} data tensors disagree on the number of samples: {sizes}")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise DataError(f"{name} data is empty (0 samples)")
+    return int(n)
+
+
+@attrs.define(eq=False)
+class TensorBatches:
+    """The fast path: batches sliced from in-memory tensors kept on the device."""
+
+    template: Any
+    leaves: list[torch.Tensor]
+    num_samples: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+    world: World
+    bounds: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
+        nbytes = sum(leaf.numel() * leaf.element_size() for leaf in self.leaves)
+        if not self.shuffle:
+            source = self.leaves
+        elif nbytes <= _SHUFFLED_COPY_LIMIT:
+            order = order.to(self.leaves[0].device)
+            source = [leaf.index_select(0, order) for leaf in self.leaves]
+        else:
+            order = order.to(self.leaves[0].device)
+            for lo, hi in self.bounds[start:]:
+                index = order[lo:hi]
+                yield _rebuild(self.template, [leaf.index_select(0, index) for leaf in self.leaves])
+            return
+        for lo, hi in self.bounds[start:]:
+            yield _rebuild(self.template, [leaf[lo:hi] for leaf in source])
+
+
+@attrs.define(eq=False)
+class EpochBatchSampler:
+    """Index lists for a ``DataLoader`` over a map-style dataset, in the same order as the fast
+    path would use; ``set_epoch`` chooses the epoch and the first batch."""
+
+    num_samples: int
+    bounds: list[tuple[int, int]]
+    shuffle: bool
+    seed: int
+    epoch: int = 0
+    start: int = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return len(self.bounds) - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.num_samples, self.seed, self.epoch, self.shuffle).tolist()
+        for lo, hi in self.bounds[self.start :]:
+            yield order[lo:hi]
+
+
+@attrs.define(eq=False)
+class LoaderBatches:
+    """Batches from a ``DataLoader`` (ours or the user's), moved to the device one by one."""
+
+    loader: DataLoader[Any]
+    device: torch.device
+    sampler: EpochBatchSampler | None
+    length: int | None
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("an iterable dataset has no known length")
+        return self.length
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start)
+            skip = 0
+        else:
+            for holder in (self.loader.sampler, self.loader.batch_sampler):
+                set_epoch = getattr(holder, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(epoch)
+            skip = start
+        non_blocking = self.device.type == "cuda"
+        for index, batch in enumerate(self.loader):
+            if index >= skip:
+                yield move_to_device(batch, self.device, non_blocking)
+
+
+Batches = TensorBatches | LoaderBatches
+
+
+def known_length(batches: Batches) -> int | None:
+    """Steps per epoch, or None for an iterable dataset."""
+    if isinstance(batches, LoaderBatches):
+        return batches.length
+    return len(batches)
+
+
+def make_batches(
+    data: Any,
+    *,
+    name: str,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    device: torch.device,
+    world: World,
+    on_device: bool = True,
+    num_workers: int = 0,
+) -> Batches:
+    """Batches for ``data``; an empty dataset or one that yields no batch is an error."""
+    if isinstance(data, DataLoader):
+        length = _loader_length(data)
+        if length == 0:
+            raise DataError(f"{name} DataLoader yields no batches (len(loader) == 0)")
+        return LoaderBatches(data, device, None, length)
+    if isinstance(data, TensorDataset):
+        data = list(data.tensors)
+    if isinstance(data, (torch.Tensor, Mapping, list, tuple)):
+        n = _check_tensors(data, name)
+        bounds = _bounds_or_error(n, batch_size, drop_last, world, name)
+        leaves = _leaves(data)
+        if on_device:
+            leaves = [leaf.to(device) for leaf in leaves]
+        return TensorBatches(data, leaves, n, batch_size, shuffle, drop_last, seed, world, bounds)
+    if isinstance(data, IterableDataset):
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        return LoaderBatches(loader, device, None, None)
+    if isinstance(data, Dataset):
+        try:
+            n = len(data)  # type: ignore[arg-type]
+        except TypeError as error:
+            raise DataError(f"{name} dataset {type(data).__name__} has no len()") from error
+        if n == 0:
+            raise DataError(f"{name} data is empty (0 samples)")
+        bounds = _bounds_or_error(n, batch_size, drop_last, world, name)
+        sampler = EpochBatchSampler(n, bounds, shuffle, seed)
+        loader = DataLoader(
+            data,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        return LoaderBatches(loader, device, sampler, len(bounds))
+    raise DataError(
+        f"{name} data of type {type(data).__name__} is not supported; pass a tensor, a dict of "
+        "tensors, a TensorDataset, a Dataset, an IterableDataset or a DataLoader"
+    )
+
+
+def _bounds_or_error(
+    n: int, batch_size: int, drop_last: bool, world: World, name: str
+) -> list[tuple[int, int]]:
+    bounds = batch_bounds(n, batch_size, drop_last, world)
+    if not bounds:
+        raise DataError(
+            f"{name} data yields no batches: {n} samples, batch_size {batch_size} x "
+            f"{world.world_size} process(es), drop_last=True"
+        )
+    if any(hi <= lo for lo, hi in bounds):
+        raise DataError(
+            f"{name} data: {n} samples leave rank {world.rank} an empty last batch with "
+            f"batch_size {batch_size} x {world.world_size} processes; use drop_last=True"
+        )
+    return bounds
+
+
+def _loader_length(loader: DataLoader[Any]) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None

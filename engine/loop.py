@@ -1,0 +1,358 @@
+"""The one training loop. ``engine/events.py`` carries it as pseudocode with every event.
+
+``Engine.fit`` prepares a run (device, seed, strategy, batches, run folder), then
+``_run_epochs`` is the loop itself: per batch it fires BATCH_START, calls the strategy, keeps the
+metrics on the device, counts, fires BATCH_END. Everything else happens at interval or epoch
+boundaries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from loguru import logger
+
+from engine.config import EngineConfig
+from engine.context import ForwardFn, StepContext, call_model
+from engine.data import Batches, known_length, make_batches
+from engine.device import resolve_device
+from engine.distributed import World, current_world, sum_over_ranks
+from engine.errors import ConfigError, StrategyError
+from engine.events import Event, EventBus, Handler, Subscription
+from engine.metrics import MetricBuffer
+from engine.precision import autocast_factory, make_scaler
+from engine.protocols import StepStrategy
+from engine.run_dir import create_run_dir, log_file
+from engine.seeding import seed_everything
+from engine.state import FitResult, Progress, RunState
+
+
+class Engine:
+    """Trains a model with a ``StepStrategy`` under an ``EngineConfig``, telling callbacks.
+
+    ``forward(model, batch, **kwargs)`` replaces the default ``model(batch, **kwargs)`` call,
+    e.g. to pass pythae's ``epoch`` or ``dataset_size`` arguments.
+    """
+
+    def __init__(
+        self,
+        strategy: StepStrategy,
+        config: EngineConfig | None = None,
+        callbacks: Iterable[Any] = (),
+        forward: ForwardFn | None = None,
+    ) -> None:
+        if not isinstance(strategy, StepStrategy):
+            raise StrategyError(
+                f"strategy {strategy!r} does not implement the StepStrategy protocol "
+                "(setup, train_step, eval_step, end_epoch, learning_rates, state_dict, ...)"
+            )
+        self.strategy = strategy
+        self.config = config if config is not None else EngineConfig()
+        self.forward = forward or call_model
+        self.bus = EventBus()
+        self.bus.add_all(callbacks)
+        self._stop_requested = False
+
+    def on(
+        self,
+        event: Event,
+        handler: Handler,
+        *,
+        priority: int = 0,
+        every: int | None = None,
+        once: int | None = None,
+    ) -> None:
+        """Subscribe a plain function to ``event``."""
+        self.bus.subscribe(Subscription(event, handler, priority, every, once))
+
+    def stop(self) -> None:
+        """End the run cleanly at the next batch or epoch boundary."""
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, model: torch.nn.Module, train: Any, eval: Any = None) -> FitResult:
+        """Train ``model`` on ``train`` for ``config.epochs`` (or ``max_steps``), evaluating on
+        ``eval`` every ``eval_every`` epochs."""
+        config = self.config
+        world = current_world()
+        device = resolve_device(config.device, world.local_rank)
+        seed_everything(config.seed)
+        _check_trainable(model)
+        model.to(device)
+        progress = Progress()
+        ctx = self._context(device, progress, world)
+        self.strategy.setup(model, ctx)
+        train_batches = self._batches(
+            train, "training", config.batch_size, config.shuffle, config.drop_last, device, world
+        )
+        eval_batches = (
+            None
+            if eval is None
+            else self._batches(
+                eval, "evaluation", config.effective_eval_batch_size, False, False, device, world
+            )
+        )
+        run_dir = None
+        if config.output_dir is not None and world.is_main:
+            run_dir = create_run_dir(config.output_dir, config.run_name)
+        run = RunState(
+            engine=self,
+            model=model,
+            strategy=self.strategy,
+            config=config,
+            progress=progress,
+            run_dir=run_dir,
+            steps_per_epoch=known_length(train_batches),
+            is_main_process=world.is_main,
+            log=logger.bind(run=str(run_dir)),
+        )
+        if run_dir is not None:
+            run.paths["run_dir"] = run_dir
+        run.monitor = config.monitor or _default_monitor(self.strategy, eval is not None)
+        self._stop_requested = False
+        step_model: torch.nn.Module = (
+            torch.compile(model) if config.compile else model  # type: ignore[assignment]
+        )
+        with log_file(run_dir):
+            try:
+                self.bus.fire(Event.FIT_START, run)
+                self._run_epochs(run, step_model, ctx, train_batches, eval_batches)
+                self.bus.fire(Event.FIT_END, run)
+            except BaseException as error:
+                run.exception = error
+                self.bus.fire(Event.EXCEPTION, run)
+                raise
+        return FitResult(
+            history=run.history,
+            monitor=run.monitor,
+            best_value=run.best_value,
+            best_epoch=run.best_epoch,
+            run_dir=run_dir,
+            paths=dict(run.paths),
+            steps=progress.step,
+            skipped_steps=progress.skipped_steps,
+            stopped_early=self._stop_requested,
+        )
+
+    def _run_epochs(
+        self,
+        run: RunState,
+        model: torch.nn.Module,
+        ctx: StepContext,
+        train_batches: Batches,
+        eval_batches: Batches | None,
+    ) -> None:
+        config, progress, fire = self.config, run.progress, self.bus.fire
+        train_step = self.strategy.train_step
+        buffer = MetricBuffer()
+        steps_per_epoch = run.steps_per_epoch
+        for epoch in range(progress.epoch, config.epochs):
+            started = time.perf_counter()
+            fire(Event.EPOCH_START, run)
+            model.train()
+            batches_this_epoch = _batches_to_run(steps_per_epoch, progress, config.max_steps)
+            finished_epoch = True
+            for batch in train_batches.epoch(epoch, start=progress.batch_in_epoch):
+                fire(Event.BATCH_START, run)
+                _place_in_window(
+                    ctx, progress.batch_in_epoch, batches_this_epoch, config.accumulate_steps
+                )
+                metrics = train_step(model, batch, ctx)
+                buffer.add(progress.step, metrics)
+                progress.step += 1
+                progress.batch_in_epoch += 1
+                run.step_metrics = metrics
+                if progress.step % config.log_every == 0:
+                    run.logged_metrics = buffer.flush(ctx.world)
+                fire(Event.BATCH_END, run)
+                if self._stop_requested or progress.step == config.max_steps:
+                    finished_epoch = progress.batch_in_epoch == steps_per_epoch
+                    break
+            if not finished_epoch:
+                buffer.discard()
+                return
+            summary = {"epoch": float(epoch)}
+            summary.update({f"train/{k}": v for k, v in buffer.epoch_means(ctx.world).items()})
+            if eval_batches is not None and (epoch + 1) % config.eval_every == 0:
+                fire(Event.EVAL_START, run)
+                run.eval_metrics = {
+                    f"eval/{k}": v for k, v in self._evaluate(model, eval_batches, ctx).items()
+                }
+                summary.update(run.eval_metrics)
+                fire(Event.EVAL_END, run)
+            summary.update(self.strategy.learning_rates())
+            summary["skipped_steps"] = float(progress.skipped_steps)
+            summary["seconds"] = time.perf_counter() - started
+            self.strategy.end_epoch(summary, ctx)
+            _track_best(run, summary, epoch, config.monitor_mode)
+            run.epoch_metrics = summary
+            run.history.append(summary)
+            progress.epoch = epoch + 1
+            progress.batch_in_epoch = 0
+            fire(Event.EPOCH_END, run)
+            if self._stop_requested or progress.step == config.max_steps:
+                return
+
+    # ------------------------------------------------------------- evaluate
+
+    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
+        """Mean of each loss over every sample of ``data``; changes no state of training."""
+        device, world, ctx = self._standalone(model)
+        batches = self._batches(
+            data, "evaluation", self.config.effective_eval_batch_size, False, False, device, world
+        )
+        return self._evaluate(model, batches, ctx)
+
+    def _evaluate(
+        self, model: torch.nn.Module, batches: Batches, ctx: StepContext
+    ) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        samples = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for batch in batches.epoch(0):
+                size = _batch_size(batch)
+                for key, value in self.strategy.eval_step(model, batch, ctx).items():
+                    weighted = value.detach().double() * size
+                    sums[key] = sums[key] + weighted if key in sums else weighted
+                samples += size
+        model.train(was_training)
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys] + [samples]).cpu()
+        if ctx.world.is_distributed:
+            totals = sum_over_ranks(totals, ctx.world)
+        values = totals.tolist()
+        return {key: values[i] / values[-1] for i, key in enumerate(keys)}
+
+    # -------------------------------------------------------------- predict
+
+    def predict(self, model: torch.nn.Module, data: Any) -> dict[str, torch.Tensor]:
+        """The model's per-sample outputs over ``data`` (e.g. ``recon_x``, ``z``), concatenated
+        per key on the CPU; scalar outputs (losses) are left out."""
+        device, world, ctx = self._standalone(model)
+        batches = self._batches(
+            data, "prediction", self.config.effective_eval_batch_size, False, False, device, world
+        )
+        was_training = model.training
+        model.eval()
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for batch in batches.epoch(0):
+                size = _batch_size(batch)
+                for key, value in ctx.forward(model, batch).items():
+                    if isinstance(value, torch.Tensor) and value.ndim > 0 and len(value) == size:
+                        parts.setdefault(key, []).append(value.detach().cpu())
+        model.train(was_training)
+        return {key: torch.cat(values) for key, values in parts.items()}
+
+    # -------------------------------------------------------------- helpers
+
+    def _context(self, device: torch.device, progress: Progress, world: World) -> StepContext:
+        config = self.config
+        return StepContext(
+            device=device,
+            precision=config.precision,
+            autocast=autocast_factory(device, config.precision),
+            scaler=make_scaler(device, config.precision),
+            grad_clip_norm=config.grad_clip_norm,
+            nonfinite=config.nonfinite,
+            progress=progress,
+            world=world,
+            forward_fn=self.forward,
+        )
+
+    def _standalone(self, model: torch.nn.Module) -> tuple[torch.device, World, StepContext]:
+        world = current_world()
+        device = resolve_device(self.config.device, world.local_rank)
+        model.to(device)
+        return device, world, self._context(device, Progress(), world)
+
+    def _batches(
+        self,
+        data: Any,
+        name: str,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        device: torch.device,
+        world: World,
+    ) -> Batches:
+        config = self.config
+        return make_batches(
+            data,
+            name=name,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=config.seed,
+            device=device,
+            world=world,
+            on_device=config.data_on_device,
+            num_workers=config.num_workers,
+        )
+
+
+def _check_trainable(model: torch.nn.Module) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(param.requires_grad for param in model.parameters()):
+        raise StrategyError(
+            f"model {type(model).__name__} has no trainable parameters "
+            f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad=True)"
+        )
+
+
+def _default_monitor(strategy: StepStrategy, has_eval: bool) -> str:
+    return f"{'eval' if has_eval else 'train'}/{strategy.loss_keys[0]}"
+
+
+def _batches_to_run(
+    steps_per_epoch: int | None, progress: Progress, max_steps: int | None
+) -> int | None:
+    """How many batches this epoch will run in all (counting those already done), if known."""
+    if steps_per_epoch is None:
+        return None
+    if max_steps is None:
+        return steps_per_epoch
+    return min(steps_per_epoch, progress.batch_in_epoch + max_steps - progress.step)
+
+
+def _place_in_window(ctx: StepContext, index: int, total: int | None, accumulate: int) -> None:
+    """Set the batch's place in its accumulation window (the last window may be shorter)."""
+    if accumulate == 1:
+        return
+    window_start = index - index % accumulate
+    ctx.micro_index = index - window_start
+    ctx.micro_count = accumulate if total is None else min(accumulate, total - window_start)
+
+
+def _track_best(run: RunState, metrics: Mapping[str, float], epoch: int, mode: str) -> None:
+    monitor = run.monitor
+    if monitor is None:
+        return
+    if monitor not in metrics:
+        if monitor.startswith("eval/") and not any(key.startswith("eval/") for key in metrics):
+            return  # no evaluation this epoch
+        raise ConfigError(
+            f"monitored metric {monitor!r} is not among this epoch's metrics {sorted(metrics)}"
+        )
+    value = metrics[monitor]
+    best = run.best_value
+    if best is None or (value < best if mode == "min" else value > best):
+        run.best_value, run.best_epoch = value, epoch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    raise ConfigError(f"can not tell the batch size of a {type(batch).__name__} batch")

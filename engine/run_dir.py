@@ -1,0 +1,47 @@
+"""The run folder (``output_dir/<run-name>/``) and the ``train.log`` sink that writes into it.
+
+Two runs never share a folder: the folder is created with ``exist_ok=False``, and a name that is
+taken gets a ``-1``, ``-2``... suffix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from loguru import logger
+
+
+def create_run_dir(output_dir: Path, run_name: str | None) -> Path:
+    """A new, empty folder for this run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base = run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    for suffix in range(10_000):
+        candidate = output_dir / (base if suffix == 0 else f"{base}-{suffix}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free run folder named {base!r}-N under {output_dir}")
+
+
+@contextlib.contextmanager
+def log_file(run_dir: Path | None) -> Iterator[None]:
+    """Copy this run's log records into ``run_dir/train.log`` while the block runs."""
+    if run_dir is None:
+        yield
+        return
+    run_id = str(run_dir)
+    sink = logger.add(
+        run_dir / "train.log",
+        level="INFO",
+        filter=lambda record: record["extra"].get("run") == run_id,
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {message}",
+    )
+    try:
+        yield
+    finally:
+        logger.remove(sink)

@@ -1,0 +1,102 @@
+"""One optimiser over every trainable parameter, trained on one loss (``loss`` by default)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from engine.context import StepContext
+from engine.errors import StrategyError
+from engine.specs import OptimizerSpec, SchedulerSpec
+from strategies.update import (
+    Update,
+    UpdateSpec,
+    apply_updates,
+    backward,
+    build_update,
+    end_epoch_schedulers,
+    learning_rates,
+    losses_are_finite,
+    skip_step,
+)
+
+
+@attrs.define(eq=False)
+class Standard:
+    """``Standard(OptimizerSpec("Adam", lr=1e-3), scheduler=..., loss_key="loss")``.
+
+    ``metrics`` names further scalar outputs of the model to log beside the loss (e.g. pythae's
+    ``reconstruction_loss`` and ``reg_loss``).
+    """
+
+    optimizer: OptimizerSpec
+    scheduler: SchedulerSpec | None = None
+    loss_key: str = "loss"
+    grad_clip_norm: float | None = None
+    metrics: tuple[str, ...] = ()
+    _update: Update | None = attrs.field(default=None, init=False)
+    _spec: UpdateSpec = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._spec = UpdateSpec(
+            "model", self.loss_key, self.optimizer, self.scheduler, self.grad_clip_norm
+        )
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        return (self.loss_key,)
+
+    @property
+    def updates(self) -> list[Update]:
+        if self._update is None:
+            raise StrategyError("Standard strategy is not set up: Engine.fit calls setup()")
+        return [self._update]
+
+    def setup(self, model: torch.nn.Module, ctx: StepContext) -> None:
+        params = [param for param in model.parameters() if param.requires_grad]
+        if not params:
+            raise StrategyError(f"model {type(model).__name__} has no trainable parameters")
+        self._update = build_update(self._spec, params, ctx.device)
+
+    def train_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, torch.Tensor]:
+        update = self._update
+        assert update is not None, "Engine.fit calls setup() before train_step()"
+        outputs = ctx.forward(model, batch)
+        loss = ctx.read_loss(outputs, self.loss_key)
+        if ctx.nonfinite == "skip" and not losses_are_finite([loss]):
+            return skip_step([update], ctx)
+        backward([(update, loss)], ctx, isolate=False)
+        apply_updates([update], ctx)
+        return self._metrics(outputs, loss, ctx)
+
+    def eval_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, torch.Tensor]:
+        outputs = ctx.forward(model, batch)
+        return self._metrics(outputs, ctx.read_loss(outputs, self.loss_key), ctx)
+
+    def _metrics(
+        self, outputs: Mapping[str, Any], loss: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        metrics = {self.loss_key: loss.detach()}
+        for key in self.metrics:
+            metrics[key] = ctx.read_loss(outputs, key).detach()
+        return metrics
+
+    def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
+        end_epoch_schedulers(self.updates, metrics)
+
+    def learning_rates(self) -> dict[str, float]:
+        return learning_rates(self.updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": {u.role: u.state_dict() for u in self.updates}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for update in self.updates:
+            update.load_state_dict(state["updates"][update.role])

@@ -1,0 +1,181 @@
+"""The part every strategy is composed of: one "update" of one parameter group.
+
+An ``UpdateSpec`` says what the user chose for a role (which loss trains it, with which
+optimiser, scheduler and clipping); ``build_update`` binds it to a parameter group on a device.
+The functions below are the optimiser mechanics shared by all strategies, in the order a step
+uses them: ``backward`` (isolated per group, scaled, accumulated), then ``apply_updates``
+(average across ranks, unscale, clip, step, zero, per-step schedulers, one scaler update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from engine.context import StepContext
+from engine.distributed import average_gradients
+from engine.errors import ConfigError
+from engine.specs import OptimizerSpec, SchedulerSpec
+
+
+def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+    ):
+        raise ConfigError(f"{attribute.name} must be a positive number or None, got {value!r}")
+
+
+def _spec_of(kind: type) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"{attribute.name} must be a {kind.__name__}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class UpdateSpec:
+    """What trains one role: its loss key, optimiser, optional scheduler and clipping norm
+    (``grad_clip_norm`` overrides the engine's for this group)."""
+
+    role: str
+    loss_key: str
+    optimizer: OptimizerSpec = attrs.field(validator=_spec_of(OptimizerSpec))
+    scheduler: SchedulerSpec | None = attrs.field(default=None, validator=_spec_of(SchedulerSpec))
+    grad_clip_norm: float | None = attrs.field(default=None, validator=_optional_positive)
+
+
+@attrs.define(eq=False)
+class Update:
+    """An ``UpdateSpec`` bound to its parameters: the optimiser and scheduler that step them.
+
+    ``pending`` is true once a backward wrote gradients for this group in the current
+    accumulation window.
+    """
+
+    spec: UpdateSpec
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    pending: bool = False
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_update(
+    spec: UpdateSpec, params: Sequence[torch.nn.Parameter], device: torch.device
+) -> Update:
+    """Bind ``spec`` to ``params``: build its optimiser (fused where possible) and scheduler."""
+    optimizer = spec.optimizer.build(params, device)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = None if spec.scheduler is None else spec.scheduler.build(optimizer)
+    return Update(spec, list(params), optimizer, scheduler)
+
+
+def losses_are_finite(losses: Sequence[torch.Tensor]) -> bool:
+    """True when every loss is finite. Reads the device: used only by ``nonfinite="skip"``."""
+    return bool(torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all())
+
+
+def skip_step(updates: Sequence[Update], ctx: StepContext) -> dict[str, torch.Tensor]:
+    """Drop this batch's contribution and count it as skipped (``nonfinite="skip"``)."""
+    ctx.progress.skipped_steps += 1
+    if ctx.is_update_step:
+        apply_updates(updates, ctx)
+    return {}
+
+
+def backward(
+    pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext, isolate: bool = True
+) -> None:
+    """Accumulate into each group the gradient of its own loss only.
+
+    With ``isolate``, each loss is back-propagated into its own group's parameters alone
+    (``backward(inputs=...)``), so a loss never leaks into another group's gradient; the graph is
+    kept until the last loss. Losses are divided by the accumulation window's size and scaled by
+    the run's GradScaler when there is one.
+    """
+    last = len(pairs) - 1
+    for index, (update, loss) in enumerate(pairs):
+        if ctx.micro_count > 1:
+            loss = loss / ctx.micro_count
+        if ctx.scaler is not None:
+            loss = ctx.scaler.scale(loss)
+        loss.backward(inputs=update.params if isolate else None, retain_graph=index < last)
+        update.pending = True
+
+
+def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
+    """At the end of an accumulation window, step every group that received gradients.
+
+    Order per group: average gradients over ranks, unscale (fp16), clip, step, zero, then its
+    per-step scheduler; the GradScaler is updated once, after all groups.
+    """
+    if not ctx.is_update_step:
+        return
+    scaler = ctx.scaler
+    stepped = False
+    for update in updates:
+        if not update.pending:
+            continue
+        update.pending = False
+        average_gradients(update.params, ctx.world)
+        clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
+        if scaler is not None:
+            scaler.unscale_(update.optimizer)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(update.params, clip, foreach=True)
+        if scaler is not None:
+            scaler.step(update.optimizer)
+        else:
+            update.optimizer.step()
+        update.optimizer.zero_grad(set_to_none=True)
+        if update.scheduler is not None and update.spec.scheduler.interval == "step":  # type: ignore[union-attr]
+            update.scheduler.step()
+        stepped = True
+    if scaler is not None and stepped:
+        scaler.update()
+
+
+def end_epoch_schedulers(updates: Sequence[Update], metrics: Mapping[str, float]) -> None:
+    """Step per-epoch schedulers; a plateau scheduler gets its monitored metric.
+
+    On an epoch with no evaluation, a plateau scheduler watching an ``eval/`` metric waits.
+    """
+    for update in updates:
+        spec = update.spec.scheduler
+        if update.scheduler is None or spec is None or spec.interval != "epoch":
+            continue
+        if not spec.is_plateau:
+            update.scheduler.step()
+            continue
+        monitor = spec.monitor
+        assert monitor is not None  # SchedulerSpec refuses a plateau scheduler without one
+        if monitor in metrics:
+            update.scheduler.step(metrics[monitor])
+        elif not (monitor.startswith("eval/") and not any(k.startswith("eval/") for k in metrics)):
+            raise ConfigError(
+                f"{update.role} scheduler monitors {monitor!r}, which is not among this "
+                f"epoch's metrics {sorted(metrics)}"
+            )
+
+
+def learning_rates(updates: Sequence[Update]) -> dict[str, float]:
+    """The first parameter group's learning rate of each optimiser, as ``lr/<role>``."""
+    return {f"lr/{u.role}": float(u.optimizer.param_groups[0]["lr"]) for u in updates}
