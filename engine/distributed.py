@@ -66,3 +66,14 @@ def sum_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def all_ranks_agree(flags: list[bool], world: World) -> list[bool]:
+    """Each flag is true only where it is true on every rank, so that every rank switches the
+    same updates on and off (a rank that skipped a backward would otherwise break the gradient
+    average). One small all-reduce; free in one process."""
+    if not world.is_distributed or not flags:
+        return flags
+    values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return [bool(value) for value in values.tolist()]
