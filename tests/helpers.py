@@ -1,0 +1,94 @@
+"""Small models, data and an event recorder shared by the tests."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import Event, RunState
+
+
+class TinyRegressor(nn.Module):
+    """``loss`` = mean squared error of a linear map; deterministic given the seed."""
+
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+
+    def forward(self, batch: Any, **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"] if isinstance(batch, dict) else batch
+        if isinstance(x, (list, tuple)):
+            x = x[0]
+        prediction = self.linear(x)
+        return {"loss": (prediction - x.flip(-1)).pow(2).mean(), "prediction": prediction}
+
+
+class PythaeStyleAE(nn.Module):
+    """Takes ``{"data": x}`` and returns an ``OrderedDict`` with ``loss``, as pythae's models do."""
+
+    def __init__(self, features: int = 16, latent: int = 4) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, 32), nn.ReLU(), nn.Linear(32, features))
+
+    def forward(self, inputs: dict[str, torch.Tensor], **_: Any) -> OrderedDict[str, torch.Tensor]:
+        x = inputs["data"]
+        z = self.encoder(x)
+        recon_x = self.decoder(z)
+        loss = (recon_x - x).pow(2).sum(1).mean()
+        return OrderedDict(loss=loss, recon_x=recon_x, z=z)
+
+
+class EventRecorder:
+    """Records every event in order (and the step at which it fired)."""
+
+    def __init__(self, priority: int = 0) -> None:
+        self.priority = priority
+        self.events: list[Event] = []
+        self.steps: list[int] = []
+
+    def _record(self, event: Event, run: RunState) -> None:
+        self.events.append(event)
+        self.steps.append(run.progress.step)
+
+    def on_fit_start(self, run: RunState) -> None:
+        self._record(Event.FIT_START, run)
+
+    def on_epoch_start(self, run: RunState) -> None:
+        self._record(Event.EPOCH_START, run)
+
+    def on_batch_start(self, run: RunState) -> None:
+        self._record(Event.BATCH_START, run)
+
+    def on_batch_end(self, run: RunState) -> None:
+        self._record(Event.BATCH_END, run)
+
+    def on_eval_start(self, run: RunState) -> None:
+        self._record(Event.EVAL_START, run)
+
+    def on_eval_end(self, run: RunState) -> None:
+        self._record(Event.EVAL_END, run)
+
+    def on_epoch_end(self, run: RunState) -> None:
+        self._record(Event.EPOCH_END, run)
+
+    def on_fit_end(self, run: RunState) -> None:
+        self._record(Event.FIT_END, run)
+
+    def on_exception(self, run: RunState) -> None:
+        self._record(Event.EXCEPTION, run)
+
+    def count(self, event: Event) -> int:
+        return self.events.count(event)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer."""
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
