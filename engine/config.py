@@ -52,6 +52,11 @@ def _one_of(*choices: Any) -> Any:
     return check
 
 
+def _positive_float(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
 def _device(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not _DEVICE_PATTERN.match(value):
         raise ConfigError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {value!r}")
@@ -93,6 +98,8 @@ class EngineConfig:
     ``max_steps`` counts batches (calls to ``train_step``) and ends the run early when reached.
     ``accumulate_steps`` micro-batches make one optimiser step. ``output_dir=None`` writes no
     files at all (no run folder, no ``train.log``).
+    ``distributed_timeout_s`` bounds how long a rank waits for the others (joining the process
+    group, any collective) before it stops with an error.
     """
 
     epochs: int = attrs.field(default=1, validator=_positive_int)
@@ -116,6 +123,7 @@ class EngineConfig:
     compile: bool = attrs.field(default=False, validator=_bool)
     output_dir: Path | None = attrs.field(default=Path("runs"), converter=_optional_path)
     run_name: str | None = attrs.field(default=None, validator=_run_name)
+    distributed_timeout_s: float = attrs.field(default=600.0, validator=_positive_float)
 
     @property
     def effective_eval_batch_size(self) -> int:

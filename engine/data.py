@@ -215,9 +215,16 @@ def make_batches(
     world: World,
     on_device: bool = True,
     num_workers: int = 0,
+    lockstep: bool = True,
 ) -> Batches:
-    """Batches for ``data``; an empty dataset or one that yields no batch is an error."""
+    """Batches for ``data``; an empty dataset or one that yields no batch is an error.
+
+    ``lockstep`` (training): every rank runs the same number of batches, so a last global batch
+    too small to give every rank a sample is an error. Without it (evaluation), a rank whose
+    share of the last batch is empty skips that batch: every sample is seen exactly once.
+    """
     if isinstance(data, DataLoader):
+        _check_loader_shards(data, name, world)
         length = _loader_length(data)
         if length == 0:
             raise DataError(f"{name} DataLoader yields no batches (len(loader) == 0)")
@@ -226,7 +233,7 @@ def make_batches(
         data = list(data.tensors)
     if isinstance(data, (torch.Tensor, Mapping, list, tuple)):
         n = _check_tensors(data, name)
-        bounds = _bounds_or_error(n, batch_size, drop_last, world, name)
+        bounds = _bounds_or_error(n, batch_size, drop_last, world, name, lockstep)
         leaves = _leaves(data)
         if on_device:
             leaves = [leaf.to(device) for leaf in leaves]
@@ -247,7 +254,7 @@ def make_batches(
             raise DataError(f"{name} dataset {type(data).__name__} has no len()") from error
         if n == 0:
             raise DataError(f"{name} data is empty (0 samples)")
-        bounds = _bounds_or_error(n, batch_size, drop_last, world, name)
+        bounds = _bounds_or_error(n, batch_size, drop_last, world, name, lockstep)
         sampler = EpochBatchSampler(n, bounds, shuffle, seed)
         loader = DataLoader(
             data,
@@ -263,9 +270,11 @@ def make_batches(
 
 
 def _bounds_or_error(
-    n: int, batch_size: int, drop_last: bool, world: World, name: str
+    n: int, batch_size: int, drop_last: bool, world: World, name: str, lockstep: bool = True
 ) -> list[tuple[int, int]]:
     bounds = batch_bounds(n, batch_size, drop_last, world)
+    if not lockstep:
+        return [(lo, hi) for lo, hi in bounds if hi > lo]
     if not bounds:
         raise DataError(
             f"{name} data yields no batches: {n} samples, batch_size {batch_size} x "
@@ -277,6 +286,21 @@ def _bounds_or_error(
             f"batch_size {batch_size} x {world.world_size} processes; use drop_last=True"
         )
     return bounds
+
+
+def _check_loader_shards(loader: DataLoader[Any], name: str, world: World) -> None:
+    """Under several processes, a ready DataLoader over a map-style dataset must shard itself
+    (a ``DistributedSampler``): otherwise every rank would read every sample."""
+    if not world.is_distributed or isinstance(loader.dataset, IterableDataset):
+        return
+    holders = (loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None))
+    if any(hasattr(holder, "num_replicas") for holder in holders):
+        return
+    raise DataError(
+        f"{name} DataLoader under {world.world_size} processes reads every sample on every "
+        f"rank (its sampler is a {type(loader.sampler).__name__}); give it a "
+        "torch.utils.data.DistributedSampler, or pass the Dataset itself and the engine shards it"
+    )
 
 
 def _loader_length(loader: DataLoader[Any]) -> int | None:

@@ -27,3 +27,8 @@ class StrategyError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint can not be written or read: corrupt, truncated, foreign or unsafe."""
+
+
+class DistributedError(RuntimeError):
+    """The processes of a run can not work together: a rank failed or timed out during a
+    collective, or the launch environment is incomplete (a world size without a rendezvous)."""

@@ -19,7 +19,8 @@ from engine.config import EngineConfig
 from engine.context import ForwardFn, StepContext, call_model
 from engine.data import Batches, known_length, make_batches
 from engine.device import resolve_device
-from engine.distributed import World, current_world, sum_over_ranks
+from engine.distributed import World, broadcast_module, current_world, sum_named_over_ranks
+from engine.distributed_session import process_group
 from engine.errors import ConfigError, StrategyError
 from engine.events import Event, EventBus, Handler, Subscription
 from engine.metrics import MetricBuffer
@@ -28,6 +29,9 @@ from engine.protocols import StepStrategy
 from engine.run_dir import create_run_dir, log_file
 from engine.seeding import seed_everything
 from engine.state import FitResult, Progress, RunState
+
+# The name under which evaluation's sample count travels with its metric sums.
+_SAMPLES = "\x00samples"
 
 
 class Engine:
@@ -76,18 +80,34 @@ class Engine:
 
     def fit(self, model: torch.nn.Module, train: Any, eval: Any = None) -> FitResult:
         """Train ``model`` on ``train`` for ``config.epochs`` (or ``max_steps``), evaluating on
-        ``eval`` every ``eval_every`` epochs."""
+        ``eval`` every ``eval_every`` epochs.
+
+        Under ``torchrun`` every rank calls ``fit``: it joins the process group for the run
+        (``engine/distributed_session.py``) and leaves it at the end.
+        """
+        with process_group(self.config.device, self.config.distributed_timeout_s):
+            return self._fit(model, train, eval)
+
+    def _fit(self, model: torch.nn.Module, train: Any, eval: Any) -> FitResult:
         config = self.config
         world = current_world()
         device = resolve_device(config.device, world.local_rank)
-        seed_everything(config.seed)
+        seed_everything(config.seed + world.rank)
         _check_trainable(model)
         model.to(device)
+        broadcast_module(model, world)
         progress = Progress()
         ctx = self._context(device, progress, world)
         self.strategy.setup(model, ctx)
         train_batches = self._batches(
-            train, "training", config.batch_size, config.shuffle, config.drop_last, device, world
+            train,
+            "training",
+            config.batch_size,
+            config.shuffle,
+            config.drop_last,
+            device,
+            world,
+            lockstep=True,
         )
         eval_batches = (
             None
@@ -223,12 +243,9 @@ class Engine:
                     sums[key] = sums[key] + weighted if key in sums else weighted
                 samples += size
         model.train(was_training)
-        keys = sorted(sums)
-        totals = torch.stack([sums[key] for key in keys] + [samples]).cpu()
-        if ctx.world.is_distributed:
-            totals = sum_over_ranks(totals, ctx.world)
-        values = totals.tolist()
-        return {key: values[i] / values[-1] for i, key in enumerate(keys)}
+        totals = sum_named_over_ranks({**sums, _SAMPLES: samples}, ctx.world)
+        count = totals.pop(_SAMPLES)
+        return {key: value / count for key, value in totals.items()}
 
     # -------------------------------------------------------------- predict
 
@@ -289,7 +306,10 @@ class Engine:
             name=name,
             batch_size=batch_size,
             shuffle=shuffle,
+        lockstep: bool = False,
             drop_last=drop_last,
+        """``lockstep``: every rank must run the same number of batches (training); otherwise
+        a rank whose shard of the last batch is empty just runs one batch fewer."""
             seed=config.seed,
             device=device,
             world=world,
@@ -302,6 +322,7 @@ def _check_trainable(model: torch.nn.Module) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(param.requires_grad for param in model.parameters()):
+            lockstep=lockstep,
         raise StrategyError(
             f"model {type(model).__name__} has no trainable parameters "
             f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad=True)"

@@ -1,0 +1,133 @@
+"""Joining and leaving the process group of a run launched by ``torchrun`` (or by hand).
+
+``torchrun`` describes the world in the environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+and the rendezvous ``MASTER_ADDR``/``MASTER_PORT``. ``process_group`` reads them, picks the
+backend from the device (nccl for CUDA, gloo otherwise), initialises the default process group
+with the run's timeout, and destroys it when the run ends, so a later ``fit`` in the same process
+joins afresh. A process group the user initialised before ``fit`` is the explicit setting: it is
+used as it is and left alone at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Mapping
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from engine.device import resolve_device
+from engine.distributed import World, collective, current_world
+from engine.errors import DistributedError
+
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
+
+
+@attrs.frozen
+class LaunchEnvironment:
+    """What the launcher's environment variables say about this process's world."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launch_environment(environ: Mapping[str, str] | None = None) -> LaunchEnvironment:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (a single process when ``WORLD_SIZE`` is not
+    set or is 1); an incomplete or inconsistent set is a ``DistributedError`` naming it."""
+    env = os.environ if environ is None else environ
+    world_size = _env_int(env, "WORLD_SIZE", "1")
+    if world_size < 1:
+        raise DistributedError(f"WORLD_SIZE must be at least 1, got {world_size}")
+    if world_size == 1:
+        return LaunchEnvironment(0, 1, _env_int(env, "LOCAL_RANK", "0"))
+    if "RANK" not in env:
+        raise DistributedError(
+            f"WORLD_SIZE={world_size} but RANK is not set; launch with torchrun "
+            "(e.g. `torchrun --nproc-per-node=2 train.py`) or set RANK for every process"
+        )
+    missing = [name for name in _RENDEZVOUS if not env.get(name)]
+    if missing:
+        raise DistributedError(
+            f"WORLD_SIZE={world_size} but no rendezvous: {', '.join(missing)} not set; launch "
+            "with torchrun, which sets them, or set MASTER_ADDR and MASTER_PORT"
+        )
+    rank = _env_int(env, "RANK", "0")
+    if not 0 <= rank < world_size:
+        raise DistributedError(f"RANK must be in [0, {world_size}), got {rank}")
+    local_rank = _env_int(env, "LOCAL_RANK", str(rank))
+    if local_rank < 0:
+        raise DistributedError(f"LOCAL_RANK must be non-negative, got {local_rank}")
+    return LaunchEnvironment(rank, world_size, local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl for CUDA devices, gloo for everything else."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
+    """The run's world for the duration of the block.
+
+    Joins the group the environment describes (initialised here, destroyed on the way out,
+    after a barrier when the block succeeded), or uses one that is already initialised, or is a
+    single process. On the way out after an error the group is destroyed at once: the other
+    ranks' next collective then fails fast with a ``DistributedError`` instead of waiting.
+    """
+    if dist.is_available() and dist.is_initialized():
+        yield current_world()
+        return
+    env = launch_environment()
+    if not env.is_distributed:
+        yield World(local_rank=env.local_rank)
+        return
+    if not dist.is_available():
+        raise DistributedError(
+            f"WORLD_SIZE={env.world_size} but this torch build has no torch.distributed"
+        )
+    device = resolve_device(device_name, env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend_for(device)
+    try:
+        dist.init_process_group(
+            backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    except (RuntimeError, ValueError) as error:
+        raise DistributedError(
+            f"rank {env.rank} of {env.world_size} could not join the {backend} process group "
+            f"at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+            f"{timeout_s} s: {error}"
+        ) from error
+    world = current_world()
+    succeeded = False
+    try:
+        yield world
+        succeeded = True
+    finally:
+        if succeeded:
+            try:
+                collective("the closing barrier", world, dist.barrier)
+            finally:
+                dist.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+
+
+def _env_int(env: Mapping[str, str], name: str, default: str) -> int:
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"{name} must be an integer, got {value!r}") from None
