@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check engine strategies callbacks tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
