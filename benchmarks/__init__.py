@@ -1,0 +1,1 @@
+"""Speed measurements: the engine against hand-written loops and peer trainers, interleaved."""

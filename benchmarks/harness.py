@@ -1,0 +1,122 @@
+"""Timing many trainers in one process, interleaved, so machine noise hits them all alike.
+
+A ``Runner`` prepares fresh state outside the clock (a copy of the same initial model, its own
+optimiser) and returns a function that trains one epoch and returns how many steps it ran. The
+clock covers that function only. On CUDA the interval is taken with CUDA events recorded at the
+edges, with one synchronisation after the epoch; nothing inside the epoch synchronises.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+import torch
+
+EpochFn = Callable[[], int]
+
+
+@attrs.frozen
+class Runner:
+    """A named trainer: ``prepare()`` builds its state and returns the epoch to time."""
+
+    name: str
+    prepare: Callable[[], EpochFn]
+
+
+@attrs.frozen
+class Timing:
+    """Milliseconds per step of every repeat of one runner, with the batch size behind them."""
+
+    name: str
+    batch_size: int
+    ms_per_step: tuple[float, ...]
+    peak_bytes: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ms_per_step)
+
+    @property
+    def low(self) -> float:
+        return min(self.ms_per_step)
+
+    @property
+    def high(self) -> float:
+        return max(self.ms_per_step)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.batch_size * 1000.0 / self.median
+
+
+def time_epoch(epoch: EpochFn, device: torch.device) -> tuple[float, int]:
+    """Seconds for one epoch and its step count, synchronising only at the edges."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        steps = epoch()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0, steps
+    started = time.perf_counter()
+    steps = epoch()
+    return time.perf_counter() - started, steps
+
+
+def interleave(
+    runners: Sequence[Runner],
+    batch_size: int,
+    repeats: int,
+    device: torch.device,
+    warmup: int = 1,
+) -> list[Timing]:
+    """Time every runner ``repeats`` times, rotating the order each round; the first ``warmup``
+    rounds are run but not kept. On CUDA, peak memory per runner is recorded too."""
+    times: dict[str, list[float]] = {runner.name: [] for runner in runners}
+    peaks: dict[str, int] = {}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(runners)
+        for runner in list(runners[shift:]) + list(runners[:shift]):
+            epoch = runner.prepare()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds, steps = time_epoch(epoch, device)
+            if device.type == "cuda":
+                peaks[runner.name] = max(
+                    peaks.get(runner.name, 0), torch.cuda.max_memory_allocated(device)
+                )
+            if round_index >= warmup:
+                times[runner.name].append(seconds * 1000.0 / steps)
+    return [
+        Timing(runner.name, batch_size, tuple(times[runner.name]), peaks.get(runner.name))
+        for runner in runners
+    ]
+
+
+def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:
+    """A markdown table of ms/step (median, min-max), ratio to ``floor``, samples/s, memory."""
+    base = next(t for t in timings if t.name == floor).median
+    lines = [
+        f"**{title}**",
+        "",
+        "| trainer | batch | ms/step median | min-max | x floor | samples/s | peak mem |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in timings:
+        memory = "-" if t.peak_bytes is None else f"{t.peak_bytes / 2**20:.1f} MiB"
+        lines.append(
+            f"| {t.name} | {t.batch_size} | {t.median:.3f} | {t.low:.3f}-{t.high:.3f} | "
+            f"{t.median / base:.3f} | {t.samples_per_second:,.0f} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def device_from(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
