@@ -104,3 +104,236 @@ class VAE(nn.Module):
     def sample(self, num_samples: int) -> torch.Tensor:
         device = next(self.parameters()).device
         return self.decoder(torch.randn(num_samples, self.latent_dim, device=device))
+
+
+class AdversarialAE(nn.Module):
+    """An adversarial autoencoder (pythae's Adversarial_AE), for ``Adversarial``.
+
+    A discriminator on the latent space tells prior draws from encodings; the autoencoder is
+    trained to reconstruct and to fool it. ``autoencoder_loss`` = reconstruction +
+    ``adversarial_scale`` * BCE(D(z), real); ``discriminator_loss`` = BCE(D(prior), real) +
+    BCE(D(z.detach()), fake). Groups: ``discriminator``, and the rest (encoder and decoder).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (1, 8, 8),
+        latent_dim: int = 8,
+        hidden: int = 128,
+        adversarial_scale: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "input_shape": list(input_shape),
+            "latent_dim": latent_dim,
+            "hidden": hidden,
+            "adversarial_scale": adversarial_scale,
+        }
+        self.adversarial_scale = adversarial_scale
+        self.encoder = Encoder(math.prod(input_shape), hidden, latent_dim)
+        self.decoder = Decoder(latent_dim, hidden, input_shape)
+        self.discriminator = _mlp([latent_dim, hidden, 1])
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"]
+        z, _log_var = self.encoder(x)
+        recon_x = self.decoder(z)
+        recon = F.mse_loss(recon_x, x, reduction="none").flatten(1).sum(1).mean()
+        real = torch.ones(len(z), 1, device=z.device)
+        fake = torch.zeros_like(real)
+        fooling = F.binary_cross_entropy_with_logits(self.discriminator(z), real)
+        prior = torch.randn_like(z)
+        discriminator_loss = F.binary_cross_entropy_with_logits(
+            self.discriminator(prior), real
+        ) + F.binary_cross_entropy_with_logits(self.discriminator(z.detach()), fake)
+        return {
+            "autoencoder_loss": recon + self.adversarial_scale * fooling,
+            "discriminator_loss": discriminator_loss,
+            "recon_loss": recon,
+            "recon_x": recon_x,
+            "z": z,
+        }
+
+
+class RAEL2(nn.Module):
+    """A regularised autoencoder with an L2 latent penalty (pythae's RAE_L2), for ``Coupled``.
+
+    As in pythae, one loss (reconstruction + ``embedding_weight`` * |z|^2 / 2) is returned as
+    both ``encoder_loss`` and ``decoder_loss``; the decoder's L2 regularisation is the decoder
+    optimiser's ``weight_decay``. The strategy back-propagates it once, into both groups.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (1, 8, 8),
+        latent_dim: int = 8,
+        hidden: int = 128,
+        embedding_weight: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "input_shape": list(input_shape),
+            "latent_dim": latent_dim,
+            "hidden": hidden,
+            "embedding_weight": embedding_weight,
+        }
+        self.embedding_weight = embedding_weight
+        self.encoder = Encoder(math.prod(input_shape), hidden, latent_dim)
+        self.decoder = Decoder(latent_dim, hidden, input_shape)
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"]
+        z, _log_var = self.encoder(x)
+        recon_x = self.decoder(z)
+        recon = F.mse_loss(recon_x, x, reduction="none").flatten(1).sum(1)
+        embedding = 0.5 * z.pow(2).sum(1)
+        loss = (recon + self.embedding_weight * embedding).mean()
+        return {
+            "encoder_loss": loss,
+            "decoder_loss": loss,
+            "recon_loss": recon.mean(),
+            "embedding_loss": embedding.mean(),
+            "recon_x": recon_x,
+            "z": z,
+        }
+
+
+class FeatureDiscriminator(nn.Module):
+    """An MLP image discriminator that also exposes its hidden features (VAEGAN's metric)."""
+
+    def __init__(self, input_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.features = _mlp([input_dim, hidden, hidden])
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x.flatten(1))
+        return features, self.head(F.relu(features)).squeeze(1)
+
+
+class VAEGAN(nn.Module):
+    """A VAE whose reconstruction is measured in a discriminator's feature space (pythae's
+    VAEGAN), for ``CoupledAdversarial``.
+
+    ``encoder_loss`` = KL + feature reconstruction; ``decoder_loss`` = (1 - s) * feature
+    reconstruction - s * ``discriminator_loss``; ``discriminator_loss`` tells data from decoded
+    prior draws. The equilibrium rule returns ``update_decoder`` and ``update_discriminator`` as
+    0-d bool tensors: the discriminator rests while it wins by more than ``margin``, the decoder
+    while it loses by more than ``margin`` (never both).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (1, 8, 8),
+        latent_dim: int = 8,
+        hidden: int = 128,
+        adversarial_scale: float = 0.5,
+        equilibrium: float = 0.68,
+        margin: float = 0.4,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "input_shape": list(input_shape),
+            "latent_dim": latent_dim,
+            "hidden": hidden,
+            "adversarial_scale": adversarial_scale,
+            "equilibrium": equilibrium,
+            "margin": margin,
+        }
+        self.adversarial_scale = adversarial_scale
+        self.equilibrium = equilibrium
+        self.margin = margin
+        self.encoder = Encoder(math.prod(input_shape), hidden, latent_dim)
+        self.decoder = Decoder(latent_dim, hidden, input_shape)
+        self.discriminator = FeatureDiscriminator(math.prod(input_shape), hidden)
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"]
+        mu, log_var = self.encoder(x)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+        recon_x = self.decoder(z)
+        kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1)
+        true_features, true_score = self.discriminator(x)
+        recon_features, _ = self.discriminator(recon_x)
+        recon = 0.5 * (true_features - recon_features).pow(2).sum(1)
+        _, prior_score = self.discriminator(self.decoder(torch.randn_like(z)))
+        true_cost = F.binary_cross_entropy_with_logits(true_score, torch.ones_like(true_score))
+        prior_cost = F.binary_cross_entropy_with_logits(prior_score, torch.zeros_like(prior_score))
+        discriminator_loss = true_cost + prior_cost
+        scale = self.adversarial_scale
+        low, high = self.equilibrium - self.margin, self.equilibrium + self.margin
+        update_discriminator = ~((true_cost < low) | (prior_cost < low))
+        update_decoder = ~((true_cost > high) | (prior_cost > high))
+        neither = ~(update_discriminator | update_decoder)
+        return {
+            "encoder_loss": (kl + recon).mean(),
+            "decoder_loss": (1 - scale) * recon.mean() - scale * discriminator_loss,
+            "discriminator_loss": discriminator_loss,
+            "update_encoder": torch.ones((), dtype=torch.bool, device=x.device),
+            "update_decoder": update_decoder | neither,
+            "update_discriminator": update_discriminator | neither,
+            "recon_loss": recon.mean(),
+            "recon_x": recon_x,
+            "z": z,
+        }
+
+
+class WGANGP(nn.Module):
+    """A Wasserstein GAN with gradient penalty, trained in two phases by
+    ``Adversarial(two_phase=True, n_critic=5, generator_loss_key="generator_loss")``.
+
+    ``phase="discriminator"``: ``discriminator_loss`` = D(fake) - D(real) + ``gp_weight`` * the
+    gradient penalty (the penalty needs autograd, so evaluation under no-grad leaves it out);
+    ``phase="generator"``: ``generator_loss`` = -D(fake). Without a phase it returns both.
+    Groups: ``discriminator`` (the critic) and the rest (the generator).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (1, 8, 8),
+        latent_dim: int = 8,
+        hidden: int = 128,
+        gp_weight: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "input_shape": list(input_shape),
+            "latent_dim": latent_dim,
+            "hidden": hidden,
+            "gp_weight": gp_weight,
+        }
+        self.latent_dim = latent_dim
+        self.gp_weight = gp_weight
+        self.generator = Decoder(latent_dim, hidden, input_shape)
+        self.discriminator = _mlp([math.prod(input_shape), hidden, hidden, 1])
+
+    def critic(self, x: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(x.flatten(1)).squeeze(1)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], phase: str | None = None, **_: Any
+    ) -> dict[str, torch.Tensor]:
+        if phase not in (None, "discriminator", "generator"):
+            raise ValueError(f"phase must be 'discriminator', 'generator' or None, got {phase!r}")
+        x = batch["data"]
+        fake = self.generator(torch.randn(len(x), self.latent_dim, device=x.device))
+        outputs: dict[str, torch.Tensor] = {"fake_x": fake}
+        if phase in (None, "discriminator"):
+            loss = self.critic(fake.detach()).mean() - self.critic(x).mean()
+            if torch.is_grad_enabled():
+                loss = loss + self.gp_weight * self._gradient_penalty(x, fake.detach())
+            outputs["discriminator_loss"] = loss
+        if phase in (None, "generator"):
+            outputs["generator_loss"] = -self.critic(fake).mean()
+        return outputs
+
+    def _gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        alpha = torch.rand(len(real), *([1] * (real.ndim - 1)), device=real.device)
+        mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.critic(mixed).sum(), mixed, create_graph=True)
+        return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        device = next(self.parameters()).device
+        return self.generator(torch.randn(num_samples, self.latent_dim, device=device))

@@ -121,6 +121,33 @@ def backward(
         update.pending = True
 
 
+def backward_isolated(pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext) -> None:
+    """``backward(pairs, isolate=True)``, with one backward per distinct loss tensor.
+
+    Groups trained on the very same loss (pythae's RAE_L2 returns one tensor as both
+    ``encoder_loss`` and ``decoder_loss``) share one backward into the union of their
+    parameters: isolation then costs no extra backward. Distinct losses each get their own.
+    """
+    merged: list[tuple[torch.Tensor, list[Update]]] = []
+    for update, loss in pairs:
+        for shared_loss, sharers in merged:
+            if shared_loss is loss:
+                sharers.append(update)
+                break
+        else:
+            merged.append((loss, [update]))
+    last = len(merged) - 1
+    for index, (loss, sharers) in enumerate(merged):
+        if ctx.micro_count > 1:
+            loss = loss / ctx.micro_count
+        if ctx.scaler is not None:
+            loss = ctx.scaler.scale(loss)
+        params = sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
+        loss.backward(inputs=params, retain_graph=index < last)
+        for update in sharers:
+            update.pending = True
+
+
 def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
     """At the end of an accumulation window, step every group that received gradients.
 
