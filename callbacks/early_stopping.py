@@ -1,0 +1,110 @@
+"""Stop a run when a monitored metric has not improved for ``patience`` epochs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from engine.errors import ConfigError
+from engine.events import EARLY_STOPPING_PRIORITY
+from engine.state import RunState
+
+
+def _patience(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"patience must be a positive integer, got {value!r}")
+
+
+def _min_delta(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"min_delta must be a finite number >= 0, got {value!r}")
+
+
+def _mode(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("min", "max"):
+        raise ConfigError(f"mode must be one of ['min', 'max'], got {value!r}")
+
+
+def _monitor(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"monitor must be a metric name such as 'eval/loss', got {value!r}")
+
+
+@attrs.define(eq=False)
+class EarlyStopping:
+    """At each EPOCH_END, compare ``monitor`` (default: the run's monitored metric) with the
+    best value so far; an improvement is a change beyond ``min_delta`` in the direction of
+    ``mode``. After ``patience`` epochs in a row without one, ``run.engine.stop()``.
+
+    A NaN value never counts as an improvement. Epochs without the metric (``eval/...`` in an
+    epoch with no evaluation) are not counted. It runs at ``EARLY_STOPPING_PRIORITY``, after
+    every other handler of the epoch, and its counters are part of a checkpoint.
+    """
+
+    monitor: str | None = attrs.field(default=None, validator=_monitor)
+    mode: str = attrs.field(default="min", validator=_mode)
+    patience: int = attrs.field(default=3, validator=_patience)
+    min_delta: float = attrs.field(default=0.0, validator=_min_delta)
+    priority: int = EARLY_STOPPING_PRIORITY
+    best: float | None = attrs.field(default=None, init=False)
+    bad_epochs: int = attrs.field(default=0, init=False)
+    stopped_epoch: int | None = attrs.field(default=None, init=False)
+
+    def on_epoch_end(self, run: RunState) -> None:
+        monitor = self.monitor or run.monitor
+        if monitor is None:
+            raise ConfigError("EarlyStopping has no metric to monitor: pass monitor='eval/loss'")
+        metrics = run.epoch_metrics
+        if monitor not in metrics:
+            if monitor.startswith("eval/") and not any(k.startswith("eval/") for k in metrics):
+                return  # no evaluation this epoch
+            raise ConfigError(
+                f"EarlyStopping monitors {monitor!r}, which is not among this epoch's metrics "
+                f"{sorted(metrics)}"
+            )
+        if self.observe(float(metrics[monitor])):
+            self.stopped_epoch = run.progress.epoch - 1
+            run.log.info(
+                f"early stopping: {monitor} did not improve on {self.best:.6g} for "
+                f"{self.bad_epochs} epoch(s)"
+            )
+            run.engine.stop()
+
+    def observe(self, value: float) -> bool:
+        """Count one epoch's value; true when the run should stop."""
+        if self._improves(value):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        best = state["best"]
+        self.best = None if best is None else float(best)
+        self.bad_epochs = int(state["bad_epochs"])
+        stopped = state.get("stopped_epoch")
+        self.stopped_epoch = None if stopped is None else int(stopped)

@@ -1,0 +1,222 @@
+"""PNG plots in the run folder: a loss curve per metric, and for autoencoders a grid of inputs,
+their reconstructions and samples from the prior. Also the image helpers that trackers share.
+
+matplotlib is an optional extra (``strategy-engine[plots]``), imported when a ``Plots`` is made;
+figures are drawn on matplotlib's Agg canvas directly, so no global backend is ever switched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from callbacks.extras import require_extra
+from engine.errors import ConfigError, ModelOutputError
+from engine.state import RunState
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+def _figsize(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise ConfigError(f"figsize must be two positive numbers (inches), got {value!r}")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _inputs_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping) and isinstance(batch.get("data"), torch.Tensor):
+        return batch["data"]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ConfigError(
+        f"image_batch must be a tensor, a dict with a 'data' tensor or a tuple of tensors, "
+        f"got {type(batch).__name__}"
+    )
+
+
+def as_images(values: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` as an (N, C, H, W) float tensor on the CPU: (N, H, W) gains a channel, and
+    flat (N, D) vectors take the shape of ``like`` when the sizes match."""
+    values = values.detach().float().cpu()
+    if values.ndim == 2 and like is not None and values[0].numel() == like[0].numel():
+        values = values.reshape(len(values), *like.shape[1:])
+    if values.ndim == 3:
+        values = values.unsqueeze(1)
+    if values.ndim != 4 or values.shape[1] not in (1, 3):
+        raise ModelOutputError(
+            f"can not show a tensor of shape {tuple(values.shape)} as images: expected "
+            "(N, C, H, W) with 1 or 3 channels, (N, H, W), or vectors the size of the inputs"
+        )
+    return values
+
+
+def autoencoder_images(run: RunState, batch: Any, num_samples: int) -> dict[str, torch.Tensor]:
+    """``inputs``, ``reconstructions`` (the model's ``recon_x``) and ``samples``
+    (``model.sample(n)``, where the model has one) as (N, C, H, W) CPU tensors.
+
+    The model runs in eval mode without gradients, inside a forked RNG, so drawing pictures
+    changes nothing the training sees (resume stays exact)."""
+    model = run.model
+    device = next(model.parameters()).device
+    inputs = _inputs_of(batch)
+    images = {"inputs": as_images(inputs)}
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            outputs = run.engine.forward(model, _to_device(batch, device))
+            recon = outputs.get("recon_x") if isinstance(outputs, Mapping) else None
+            if isinstance(recon, torch.Tensor):
+                images["reconstructions"] = as_images(recon, like=inputs).clamp(0, 1)
+            sample = getattr(model, "sample", None)
+            if callable(sample):
+                images["samples"] = as_images(sample(num_samples), like=inputs).clamp(0, 1)
+    finally:
+        model.train(was_training)
+    if len(images) == 1:
+        keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+        raise ModelOutputError(
+            f"{type(model).__name__} gives nothing to show: no 'recon_x' output (outputs: "
+            f"{keys}) and no sample(n) method"
+        )
+    return images
+
+
+def tile_images(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """(N, C, H, W) images as one (C, rows * (H + 1) - 1, columns * (W + 1) - 1) grid, one pixel
+    of background between tiles; empty cells stay at zero."""
+    count, channels, height, width = images.shape
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    grid = torch.zeros(channels, rows * (height + 1) - 1, columns * (width + 1) - 1)
+    for index in range(count):
+        top, left = (index // columns) * (height + 1), (index % columns) * (width + 1)
+        grid[:, top : top + height, left : left + width] = images[index]
+    return grid
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _new_figure(figsize: tuple[float, float], dpi: int) -> Any:
+    require_extra("matplotlib", "plots", "Plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(float(figsize[0]), float(figsize[1])), dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_loss_curve(
+    path: Path, name: str, history: list[dict[str, float]], figsize: Any, dpi: int
+) -> None:
+    """One PNG: ``train/<name>`` and ``eval/<name>`` against the epoch."""
+    figure = _new_figure(figsize, dpi)
+    axes = figure.add_subplot(1, 1, 1)
+    for split in ("train", "eval"):
+        key = f"{split}/{name}"
+        points = [(r["epoch"] + 1, r[key]) for r in history if key in r and "epoch" in r]
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, marker="o", markersize=3, label=split)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(name)
+    axes.set_title(name)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+
+
+def save_image_grid(
+    path: Path, images: Mapping[str, torch.Tensor], columns: int, figsize: Any, dpi: int
+) -> None:
+    """One PNG with a panel per entry of ``images`` (inputs, reconstructions, samples)."""
+    figure = _new_figure(figsize, dpi)
+    for row, (title, values) in enumerate(images.items()):
+        axes = figure.add_subplot(len(images), 1, row + 1)
+        grid = tile_images(values, columns)
+        if grid.shape[0] == 1:
+            axes.imshow(grid[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            axes.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        axes.set_title(title, fontsize=9)
+        axes.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+
+
+@attrs.define(eq=False)
+class Plots:
+    """PNGs in ``run_dir/<folder>/``, redrawn at every ``every``-th EPOCH_END on rank 0.
+
+    ``loss_<name>.png`` per metric (train and eval curves of ``train/<name>``/``eval/<name>``);
+    with an ``image_batch`` (e.g. ``{"data": first_16_images}``; the CLI passes the first eval
+    samples), ``images.png`` shows those inputs, the model's ``recon_x`` and ``model.sample(n)``.
+    Every PNG is ``figsize`` inches at ``dpi`` (so ``figsize[0] * dpi`` pixels wide).
+    """
+
+    image_batch: Any = None
+    every: int = attrs.field(default=1, validator=_positive_int)
+    columns: int = attrs.field(default=8, validator=_positive_int)
+    num_samples: int = attrs.field(default=16, validator=_positive_int)
+    figsize: tuple[float, float] = attrs.field(default=(6.4, 4.8), validator=_figsize)
+    dpi: int = attrs.field(default=100, validator=_positive_int)
+    folder: str = "plots"
+    priority: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        require_extra("matplotlib", "plots", "Plots")
+        if self.image_batch is not None:
+            _inputs_of(self.image_batch)
+
+    def on_epoch_end(self, run: RunState) -> None:
+        if not run.is_main_process or run.run_dir is None:
+            return
+        if run.progress.epoch % self.every != 0:
+            return
+        folder = run.run_dir / self.folder
+        folder.mkdir(exist_ok=True)
+        names = sorted(
+            {
+                key.split("/", 1)[1]
+                for key in run.epoch_metrics
+                if key.startswith(("train/", "eval/"))
+            }
+        )
+        for name in names:
+            path = folder / f"loss_{name.replace('/', '_')}.png"
+            save_loss_curve(path, name, run.history, self.figsize, self.dpi)
+        if self.image_batch is not None:
+            images = autoencoder_images(run, self.image_batch, self.num_samples)
+            save_image_grid(folder / "images.png", images, self.columns, self.figsize, self.dpi)
+        run.paths["plots"] = folder

@@ -1,0 +1,87 @@
+"""TensorBoard: scalars per log interval and per epoch, and image grids of reconstructions and
+samples, written with ``torch.utils.tensorboard`` (optional extra ``strategy-engine[tensorboard]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from callbacks.extras import require_extra
+from callbacks.plots import autoencoder_images, tile_images
+from engine.errors import ConfigError
+from engine.state import RunState
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.define(eq=False)
+class TensorBoard:
+    """Event files in ``log_dir`` (default ``run_dir/tensorboard``), on rank 0 only.
+
+    Every ``log_every`` steps: ``step/<metric>`` (the interval's means, and ``lr/<role>`` with a
+    ``LearningRateMonitor``); every epoch: all epoch metrics (``train/...``, ``eval/...``,
+    ``lr/...``), all at the global step. With an ``image_batch``, every ``image_every``
+    epochs: ``images/inputs``, ``images/reconstructions`` and ``images/samples``. The writer
+    opens at FIT_START and closes at FIT_END or on an exception: no set-up call is needed.
+    """
+
+    log_dir: str | None = None
+    image_batch: Any = None
+    image_every: int = attrs.field(default=1, validator=_positive_int)
+    columns: int = attrs.field(default=8, validator=_positive_int)
+    num_samples: int = attrs.field(default=16, validator=_positive_int)
+    priority: int = 0
+    _writer: Any = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        require_extra("tensorboard", "tensorboard", "The TensorBoard callback")
+
+    def on_fit_start(self, run: RunState) -> None:
+        if not run.is_main_process:
+            return
+        if self.log_dir is None and run.run_dir is None:
+            raise ConfigError(
+                "TensorBoard needs a folder: give log_dir=... or set EngineConfig.output_dir "
+                f"(output_dir={run.config.output_dir!r})"
+            )
+        from torch.utils.tensorboard import SummaryWriter
+
+        assert run.run_dir is not None or self.log_dir is not None
+        folder = Path(self.log_dir) if self.log_dir is not None else run.run_dir / "tensorboard"  # type: ignore[operator]
+        self._writer = SummaryWriter(log_dir=str(folder))
+        run.paths["tensorboard"] = folder
+
+    def on_batch_end(self, run: RunState) -> None:
+        if self._writer is None or run.progress.step % run.config.log_every != 0:
+            return
+        for key, value in run.logged_metrics.items():
+            self._writer.add_scalar(f"step/{key}", value, run.progress.step)
+
+    def on_epoch_end(self, run: RunState) -> None:
+        if self._writer is None:
+            return
+        step = run.progress.step
+        for key, value in run.epoch_metrics.items():
+            self._writer.add_scalar(key, value, step)
+        if self.image_batch is not None and run.progress.epoch % self.image_every == 0:
+            images = autoencoder_images(run, self.image_batch, self.num_samples)
+            for name, values in images.items():
+                self._writer.add_image(f"images/{name}", tile_images(values, self.columns), step)
+        self._writer.flush()
+
+    def on_fit_end(self, run: RunState) -> None:
+        self._close()
+
+    def on_exception(self, run: RunState) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,405 @@
+"""The command line: ``strategy-engine fit|resume|evaluate|predict`` (also ``python -m engine``).
+
+This is the edge of the engine, the one module in ``engine/`` that knows the concrete
+strategies and callbacks: it turns a checked run config (``engine.config_file``) into a model,
+data, a strategy and callbacks, and runs them. Those packages are imported inside functions, so
+``import engine`` stays light. A bad config, or a bad value met during the run, is printed as
+one line (``error: ...``) without a traceback, and the exit code is 2.
+
+A ``fit`` run writes, besides what its callbacks write, the resolved config as
+``run_dir/config.toml`` (``strategy-engine fit run_dir/config.toml`` repeats the run) and the
+final weights as ``run_dir/model.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from engine.config_file import (
+    FactoryRef,
+    RunConfig,
+    apply_overrides,
+    call_factory,
+    check_arguments,
+    dump_toml,
+    import_object,
+    load_config_file,
+    resolve_config,
+)
+from engine.errors import CheckpointError, ConfigError, DataError
+from engine.loop import Engine
+from engine.state import FitResult, RunState
+
+CONFIG_FILENAME = "config.toml"
+MODEL_FILENAME = "model.pt"
+IMAGE_BATCH_SIZE = 16
+# Callbacks a fit gets unless the config lists one of the same name (whose arguments then win).
+DEFAULT_CALLBACKS = ("ProgressBar", "ConsoleMetrics", "MetricsHistory")
+USAGE_ERROR = 2
+
+
+@attrs.define
+class Built:
+    """Everything a command needs, made from a checked config before anything runs."""
+
+    config: RunConfig
+    model: torch.nn.Module
+    train: Any
+    eval: Any
+    strategy: Any
+    callbacks: list[Any]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def strategy_classes() -> dict[str, type]:
+    """The strategies a config can name, by class name."""
+    import strategies
+
+    found = {name: getattr(strategies, name) for name in strategies.__all__}
+    return {
+        name: value
+        for name, value in found.items()
+        if isinstance(value, type) and callable(getattr(value, "train_step", None))
+    }
+
+
+def callback_classes() -> dict[str, Any]:
+    """The callbacks a config can name without an import path, by class name."""
+    import callbacks
+
+    return {name: getattr(callbacks, name) for name in callbacks.__all__}
+
+
+def build_strategy(config: RunConfig) -> Any:
+    """The strategy a config names, with its optimisers and schedulers bound to its roles."""
+    spec = config.strategy
+    known = strategy_classes()
+    if ":" in spec.name:
+        cls = import_object("strategy.name", spec.name)
+    elif spec.name in known:
+        cls = known[spec.name]
+    else:
+        raise ConfigError(
+            f"strategy.name {spec.name!r} is not a strategy; choose one of {sorted(known)} "
+            "or give an import path 'package.module:Class'"
+        )
+    ref = FactoryRef("strategy", spec.name, {**spec.args, **_role_arguments(cls, spec)})
+    check_arguments("strategy", cls, ref.args)
+    return call_factory(ref, cls)
+
+
+def _role_arguments(cls: Any, spec: Any) -> dict[str, Any]:
+    """Optimiser and scheduler specs as the strategy's constructor takes them: a single-role
+    strategy takes ``optimizer``/``scheduler`` (role ``model``); a multi-role one takes
+    ``<role>_optimizer``/``<role>_scheduler``."""
+    import inspect
+
+    accepted = set(inspect.signature(cls).parameters)
+    roles = sorted(spec.optimizers)
+    if "optimizer" in accepted:
+        if roles != ["model"]:
+            raise ConfigError(
+                f"strategy {spec.name!r} has one role, 'model': expected "
+                f"[strategy.optimizers.model], got roles {roles}"
+            )
+        arguments = {"optimizer": spec.optimizers["model"]}
+        if "model" in spec.schedulers:
+            arguments["scheduler"] = spec.schedulers["model"]
+        return arguments
+    expected = sorted(
+        name[: -len("_optimizer")] for name in accepted if name.endswith("_optimizer")
+    )
+    unknown = sorted(set(roles) - set(expected))
+    if unknown or not expected:
+        raise ConfigError(
+            f"strategy {spec.name!r} has no role(s) {unknown or roles}; its roles are {expected}"
+        )
+    arguments = {f"{role}_optimizer": spec.optimizers[role] for role in roles}
+    arguments.update({f"{role}_scheduler": sched for role, sched in spec.schedulers.items()})
+    return arguments
+
+
+def build_callbacks(config: RunConfig, image_batch: Any, defaults: Sequence[str]) -> list[Any]:
+    """The config's callbacks, after the defaults it does not list. A callback that takes an
+    ``image_batch`` and was given none gets the first eval (else train) samples."""
+    known = callback_classes()
+    named = [ref.target for ref in config.callbacks]
+    refs = [FactoryRef(f"default {name}", name, {}) for name in defaults if name not in named]
+    built = []
+    for ref in [*refs, *config.callbacks]:
+        if ":" in ref.target:
+            cls = import_object(f"{ref.key}.name", ref.target)
+        elif ref.target in known:
+            cls = known[ref.target]
+        else:
+            raise ConfigError(
+                f"{ref.key}.name = {ref.target!r} is not a callback; choose one of "
+                f"{sorted(known)} or give an import path 'package.module:Factory'"
+            )
+        check_arguments(ref.key, cls, ref.args)
+        extra = {}
+        if image_batch is not None and "image_batch" not in ref.args and _takes(cls, "image_batch"):
+            extra["image_batch"] = image_batch
+        try:
+            built.append(call_factory(ref, cls, **extra))
+        except ImportError as error:
+            raise ConfigError(f"[{ref.key}] {ref.target}: {error}") from None
+    return built
+
+
+def _takes(target: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def first_samples(data: Any, count: int) -> Any:
+    """The first ``count`` samples of ``data`` as one batch (a tensor, a dict of tensors, or a
+    map-style dataset collated), or None where the data can not be indexed that way."""
+    if isinstance(data, torch.Tensor):
+        return data[:count]
+    if (
+        isinstance(data, Mapping)
+        and data
+        and all(isinstance(v, torch.Tensor) for v in data.values())
+    ):
+        return {key: value[:count] for key, value in data.items()}
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and len(data) > 0:
+        from torch.utils.data import default_collate
+
+        return default_collate([data[index] for index in range(min(count, len(data)))])
+    return None
+
+
+def build(config: RunConfig, *, with_callbacks: bool = True) -> Built:
+    """Model, data, strategy and callbacks of a checked config; any problem is a
+    ``ConfigError`` raised here, before training."""
+    model = call_factory(config.model, import_object("model.factory", config.model.target))
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"model.factory {config.model.target!r} must return a torch.nn.Module, "
+            f"got {type(model).__name__}"
+        )
+    train = call_factory(config.train, import_object("data.train.factory", config.train.target))
+    eval_data = (
+        None
+        if config.eval is None
+        else call_factory(config.eval, import_object("data.eval.factory", config.eval.target))
+    )
+    strategy = build_strategy(config)
+    callbacks: list[Any] = []
+    if with_callbacks:
+        image_batch = first_samples(eval_data if eval_data is not None else train, IMAGE_BATCH_SIZE)
+        callbacks = build_callbacks(config, image_batch, DEFAULT_CALLBACKS)
+    return Built(config, model, train, eval_data, strategy, callbacks)
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A config file, or a run folder's ``config.toml``, with overrides applied and checked."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILENAME
+    raw = load_config_file(path)
+    return resolve_config(apply_overrides(raw, overrides))
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+@attrs.define(eq=False)
+class RunFiles:
+    """Writes ``config.toml`` at FIT_START and ``model.pt`` at FIT_END into the run folder, on
+    rank 0. Its priority is high, so trackers that collect artifacts at FIT_END find both."""
+
+    raw_config: dict[str, Any]
+    priority: int = 100
+
+    def on_fit_start(self, run: RunState) -> None:
+        if run.run_dir is None or not run.is_main_process:
+            return
+        path = run.run_dir / CONFIG_FILENAME
+        path.write_text(dump_toml(self.raw_config), encoding="utf-8")
+        run.paths["config"] = path
+
+    def on_fit_end(self, run: RunState) -> None:
+        if run.run_dir is None or not run.is_main_process:
+            return
+        path = run.run_dir / MODEL_FILENAME
+        torch.save(run.model.state_dict(), path)
+        run.paths["model"] = path
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a ``model.pt`` state dict (``weights_only``: the file can not run code)."""
+    if not path.is_file():
+        raise ConfigError(f"no weights file at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, KeyError, TypeError) as error:
+        raise CheckpointError(f"can not load weights from {str(path)!r}: {error}") from None
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def fit(config_path: str | Path, overrides: Sequence[str] = ()) -> FitResult:
+    """Train as the config says; returns the engine's ``FitResult``."""
+    config = load_run_config(config_path, overrides)
+    built = build(config)
+    engine = Engine(built.strategy, config.engine, [RunFiles(config.raw), *built.callbacks])
+    return engine.fit(built.model, built.train, built.eval)
+
+
+def evaluate(
+    target: str | Path,
+    overrides: Sequence[str] = (),
+    weights: str | None = None,
+    split: str = "eval",
+) -> dict[str, float]:
+    """The strategy's eval losses of trained weights on the config's ``split`` data."""
+    config, built = _trained(target, overrides, weights)
+    engine = Engine(built.strategy, config.engine)
+    return engine.evaluate(built.model, _split(built, split))
+
+
+def predict(
+    target: str | Path,
+    output: str | Path | None,
+    overrides: Sequence[str] = (),
+    weights: str | None = None,
+    split: str = "eval",
+) -> Path:
+    """The model's per-sample outputs on the config's ``split`` data, saved with
+    ``torch.save`` to ``output`` (default ``RUN_DIR/predictions.pt``)."""
+    config, built = _trained(target, overrides, weights)
+    if output is None:
+        if not Path(target).is_dir():
+            raise ConfigError("predict needs --output FILE when given a config file")
+        output = Path(target) / "predictions.pt"
+    outputs = Engine(built.strategy, config.engine).predict(built.model, _split(built, split))
+    output = Path(output)
+    torch.save(outputs, output)
+    return output
+
+
+def _trained(
+    target: str | Path, overrides: Sequence[str], weights: str | None
+) -> tuple[RunConfig, Built]:
+    config = load_run_config(target, overrides)
+    built = build(config, with_callbacks=False)
+    if weights is None and not Path(target).is_dir():
+        raise ConfigError(
+            f"{str(target)!r} is a config file: give --weights PATH, or a run folder instead"
+        )
+    load_weights(built.model, Path(weights) if weights else Path(target) / MODEL_FILENAME)
+    return config, built
+
+
+def _split(built: Built, split: str) -> Any:
+    if split == "train":
+        return built.train
+    if split == "eval":
+        if built.eval is None:
+            raise ConfigError("--split eval: the config has no [data.eval]; use --split train")
+        return built.eval
+    raise ConfigError(f"--split must be 'train' or 'eval', got {split!r}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strategy-engine",
+        description="Train, resume, evaluate and predict with strategy-engine from a config file.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set engine.epochs=5 (repeatable)",
+    )
+    fit_parser = commands.add_parser("fit", parents=[overrides], help="train from a config")
+    fit_parser.add_argument("config", help="a .toml or .json run config")
+    resume_parser = commands.add_parser(
+        "resume", parents=[overrides], help="continue a run from its last checkpoint"
+    )
+    resume_parser.add_argument("run_dir", help="the run folder to continue")
+    for name, text in (("evaluate", "print eval losses"), ("predict", "save model outputs")):
+        command = commands.add_parser(name, parents=[overrides], help=text)
+        command.add_argument("target", help="a run folder, or a config file with --weights")
+        command.add_argument("--weights", help="a model.pt state dict (default RUN/model.pt)")
+        command.add_argument("--split", default="eval", choices=["train", "eval"])
+        if name == "predict":
+            command.add_argument("--output", help="where to save (default RUN/predictions.pt)")
+    return parser
+
+
+def _print_run_folder(run_dir: Path | None) -> None:
+    if run_dir is None:
+        print("no run folder (engine.output_dir is unset)")
+        return
+    print(f"run folder: {run_dir}")
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file():
+            print(f"  {path.relative_to(run_dir)}  ({path.stat().st_size:,} bytes)")
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "fit":
+        result = fit(args.config, args.overrides)
+        if result.best_value is not None and result.best_epoch is not None:
+            print(
+                f"best {result.monitor} = {result.best_value:.4g} at epoch {result.best_epoch + 1}"
+            )
+        _print_run_folder(result.run_dir)
+    elif args.command == "resume":
+        result = resume(args.run_dir, args.overrides)
+        _print_run_folder(result.run_dir)
+    elif args.command == "evaluate":
+        metrics = evaluate(args.target, args.overrides, args.weights, args.split)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        path = predict(args.target, args.output, args.overrides, args.weights, args.split)
+        print(f"predictions: {path}")
+
+
+def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> FitResult:
+    """Continue the run in ``run_dir`` from its latest checkpoint."""
+    raise ConfigError(
+        f"resume {str(run_dir)!r}: this engine has no resume support yet (Engine.fit(resume=...))"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``strategy-engine`` and ``python -m engine``; returns the exit code.
+
+    Import paths in a config resolve from the current directory, as under ``python -m``."""
+    args = _parser().parse_args(argv)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        _run(args)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0

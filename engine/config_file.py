@@ -1,0 +1,421 @@
+"""Run config files: load TOML or JSON, apply ``--set`` overrides, check every section, and
+write the resolved config back as TOML.
+
+A run config has five sections::
+
+    [model]                      factory = "examples.models:VAE", other keys are its arguments
+    [data.train] / [data.eval]   factory = "examples.data:digits", split = "train", ...
+    [strategy]                   name = "Standard", other keys are its arguments, with
+    [strategy.optimizers.ROLE]   name = "Adam", lr = 1e-3, ...   (an ``OptimizerSpec``)
+    [strategy.schedulers.ROLE]   name = "StepLR", interval = "epoch", ... (a ``SchedulerSpec``)
+    [engine]                     ``EngineConfig`` fields
+    [[callbacks]]                name = "EarlyStopping" or "package.module:Factory", + arguments
+
+``resolve_config`` checks all of it (unknown keys, wrong types, import paths that do not
+resolve, arguments a factory does not take) and raises one ``ConfigError`` naming the key, the
+value and what was expected, so that a bad config fails before any training. Which strategy and
+callback names exist is the CLI's business (``engine.cli``); this module knows only the shape.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from engine.specs import OptimizerSpec, SchedulerSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
+
+SECTIONS = ("model", "data", "strategy", "engine", "callbacks")
+REQUIRED_SECTIONS = ("model", "data", "strategy")
+DATA_KEYS = ("train", "eval")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a ``.toml`` or ``.json`` file; a missing or unparsable file is a
+    ``ConfigError`` naming the file and the parser's complaint."""
+    path = Path(path)
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"config file must end in .toml or .json, got {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"can not read config file {str(path)!r}: {error}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid {path.suffix[1:]}: {error}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"engine.epochs=5"`` as (``["engine", "epochs"]``, ``5``). The value is read as a TOML
+    value (``5``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``); anything else is taken as a string."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not part for part in parts):
+        raise ConfigError(
+            f"an override must look like section.key=value (e.g. engine.epochs=5), got {text!r}"
+        )
+    try:
+        value = tomllib.loads(f"value = {value_text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return parts, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``key.path=value`` set; list items are addressed by index
+    (``callbacks.0.patience=5``). Missing tables on the path are created."""
+    result: dict[str, Any] = _deep_copy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = result
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, parts[: depth + 1], text)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, text)] = value
+        else:
+            node[last] = value
+    return result
+
+
+def _child(node: Any, part: str, path: list[str], text: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, text)]
+    if not isinstance(node, dict):
+        raise ConfigError(
+            f"override {text!r}: {'.'.join(path[:-1])!r} is a {type(node).__name__}, not a table"
+        )
+    if part not in node:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list[Any], part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(
+            f"override {text!r}: {part!r} is not an index of a list of {len(node)} item(s)"
+        )
+    return int(part)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _deep_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(item) for item in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+@attrs.frozen
+class FactoryRef:
+    """A callable named by import path (or by a registered name), with its arguments."""
+
+    key: str  # where it sits in the config, e.g. "data.train", for error messages
+    target: str
+    args: dict[str, Any]
+
+
+@attrs.frozen
+class StrategyConfig:
+    """The strategy's name, its optimiser and scheduler specs by role, and further arguments."""
+
+    name: str
+    optimizers: dict[str, OptimizerSpec]
+    schedulers: dict[str, SchedulerSpec]
+    args: dict[str, Any]
+
+
+@attrs.frozen
+class RunConfig:
+    """A checked run config. ``raw`` is the resolved mapping that ``dump_toml`` writes."""
+
+    model: FactoryRef
+    train: FactoryRef
+    eval: FactoryRef | None
+    strategy: StrategyConfig
+    engine: EngineConfig
+    callbacks: tuple[FactoryRef, ...]
+    raw: dict[str, Any]
+
+
+def resolve_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Check a raw config and return it resolved; the first problem is a ``ConfigError``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a run config must be a table, got {type(raw).__name__}")
+    _check_keys("the config", raw, SECTIONS, REQUIRED_SECTIONS)
+    model = _factory("model", raw["model"])
+    data = _table("data", raw["data"])
+    _check_keys("[data]", data, DATA_KEYS, ("train",))
+    train = _factory("data.train", data["train"])
+    eval_ref = _factory("data.eval", data["eval"]) if "eval" in data else None
+    strategy = _strategy(_table("strategy", raw["strategy"]))
+    engine_values = dict(_table("engine", raw.get("engine", {})))
+    engine = _engine_config(engine_values)
+    callbacks_raw = raw.get("callbacks", [])
+    if not isinstance(callbacks_raw, list):
+        raise ConfigError(
+            f"callbacks must be a list of tables ([[callbacks]]), got {callbacks_raw!r}"
+        )
+    callbacks = tuple(
+        _factory(f"callbacks.{index}", item, name_key="name", allow_names=True)
+        for index, item in enumerate(callbacks_raw)
+    )
+    resolved = {
+        "model": _deep_copy(raw["model"]),
+        "data": _deep_copy(data),
+        "strategy": _deep_copy(raw["strategy"]),
+        "engine": {k: v for k, v in engine.to_dict().items() if v is not None},
+        "callbacks": _deep_copy(callbacks_raw),
+    }
+    return RunConfig(model, train, eval_ref, strategy, engine, callbacks, resolved)
+
+
+def _table(key: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{key}] must be a table, got {value!r}")
+    return value
+
+
+def _check_keys(
+    where: str, table: Mapping[str, Any], known: Sequence[str], required: Sequence[str]
+) -> None:
+    unknown = sorted(str(key) for key in table if key not in known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; expected keys: {list(known)}")
+    missing = [key for key in required if key not in table]
+    if missing:
+        raise ConfigError(f"{where} is missing required key(s) {missing}")
+
+
+def _factory(
+    key: str, value: Any, *, name_key: str = "factory", allow_names: bool = False
+) -> FactoryRef:
+    table = _table(key, value)
+    target = table.get(name_key)
+    if not isinstance(target, str) or not target:
+        raise ConfigError(
+            f"{key}.{name_key} must be "
+            + ("a registered name or " if allow_names else "")
+            + f"an import path 'package.module:callable', got {target!r}"
+        )
+    args = {k: _deep_copy(v) for k, v in table.items() if k != name_key}
+    if ":" in target or not allow_names:
+        check_arguments(key, import_object(f"{key}.{name_key}", target), args)
+    return FactoryRef(key, target, args)
+
+
+def import_object(key: str, path: str) -> Any:
+    """The object at ``package.module:name``; a bad path is a ``ConfigError`` naming ``key``."""
+    if not isinstance(path, str) or not _IMPORT_PATH.match(path):
+        raise ConfigError(f"{key} must be an import path 'package.module:callable', got {path!r}")
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"{key} = {path!r}: can not import module {module_name!r} ({error})"
+        ) from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{key} = {path!r}: module {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{key} = {path!r} is not callable (a {type(target).__name__})")
+    return target
+
+
+def check_arguments(key: str, target: Callable[..., Any], args: Mapping[str, Any]) -> None:
+    """Refuse arguments that ``target`` does not take, and required ones that are missing."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(**args)
+    except TypeError as error:
+        accepted = [
+            name
+            for name, param in signature.parameters.items()
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        ]
+        raise ConfigError(
+            f"[{key}] {getattr(target, '__name__', target)!r} can not take arguments "
+            f"{sorted(args)}: {error}; it takes {accepted}"
+        ) from None
+
+
+def call_factory(ref: FactoryRef, target: Callable[..., Any], **extra: Any) -> Any:
+    """``target(**ref.args, **extra)``; a value error raised while building is a
+    ``ConfigError`` naming the config key, so a bad argument value stops the run up front."""
+    try:
+        return target(**ref.args, **extra)
+    except ConfigError as error:
+        raise ConfigError(f"[{ref.key}] {ref.target}: {error}") from None
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(
+            f"[{ref.key}] {ref.target}({_arguments_text(ref.args)}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def _arguments_text(args: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in args.items())
+
+
+def _strategy(table: Mapping[str, Any]) -> StrategyConfig:
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"strategy.name must be a strategy name (e.g. 'Standard'), got {name!r}")
+    optimizers = {
+        role: _spec("optimizers", role, spec, OptimizerSpec)
+        for role, spec in _table("strategy.optimizers", table.get("optimizers", {})).items()
+    }
+    schedulers = {
+        role: _spec("schedulers", role, spec, SchedulerSpec)
+        for role, spec in _table("strategy.schedulers", table.get("schedulers", {})).items()
+    }
+    if not optimizers:
+        raise ConfigError(
+            "strategy.optimizers is empty: give one table per role, e.g. "
+            "[strategy.optimizers.model] name = 'Adam', lr = 1e-3"
+        )
+    orphans = sorted(set(schedulers) - set(optimizers))
+    if orphans:
+        raise ConfigError(
+            f"strategy.schedulers has role(s) {orphans} with no optimizer; "
+            f"optimizer roles: {sorted(optimizers)}"
+        )
+    args = {
+        k: _deep_copy(v) for k, v in table.items() if k not in ("name", "optimizers", "schedulers")
+    }
+    return StrategyConfig(name, optimizers, schedulers, args)
+
+
+def _spec(kind: str, role: str, value: Any, spec_type: Any) -> Any:
+    key = f"strategy.{kind}.{role}"
+    table = _table(key, value)
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{key}.name must be a torch class name (e.g. 'Adam'), got {name!r}")
+    params = {k: v for k, v in table.items() if k != "name"}
+    try:
+        return spec_type(name, **params)
+    except ConfigError as error:
+        raise ConfigError(f"[{key}] {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[{key}] {name}({_arguments_text(params)}): {error}") from None
+
+
+def _engine_config(values: dict[str, Any]) -> EngineConfig:
+    try:
+        return EngineConfig.from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"[engine] {error}") from None
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """``data`` as TOML that ``tomllib`` reads back equal. ``None`` values are left out (TOML
+    has no null; an absent key means the default). Lists of tables become ``[[arrays]]``."""
+    lines: list[str] = []
+    _write_table(lines, [], data)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _write_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
+    subtables: list[tuple[str, Mapping[str, Any]]] = []
+    arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
+    for key, value in table.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            subtables.append((key, value))
+        elif _is_table_array(value):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{_key(key)} = {_value(value)}")
+    for key, value in subtables:
+        lines.append("")
+        lines.append(f"[{'.'.join(_key(part) for part in (*path, key))}]")
+        _write_table(lines, [*path, key], value)
+    for key, items in arrays:
+        for item in items:
+            lines.append("")
+            lines.append(f"[[{'.'.join(_key(part) for part in (*path, key))}]]")
+            _write_inline_members(lines, item)
+
+
+def _write_inline_members(lines: list[str], table: Mapping[str, Any]) -> None:
+    for key, value in table.items():
+        if value is not None:
+            lines.append(f"{_key(key)} = {_value(value)}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+def _key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"TOML keys must be strings, got {key!r}")
+    return key if _BARE_KEY.match(key) else _string(key)
+
+
+def _string(text: str) -> str:
+    escaped = json.dumps(text, ensure_ascii=False)
+    return escaped.replace("\x7f", "\\u007f")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _string(value)
+    if isinstance(value, Path):
+        return _string(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(item) for item in value if item is not None) + "]"
+    if isinstance(value, Mapping):
+        members = [f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None]
+        return "{" + ", ".join(members) + "}"
+    raise ConfigError(f"can not write a {type(value).__name__} to TOML: {value!r}")
