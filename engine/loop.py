@@ -8,6 +8,7 @@ boundaries.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from loguru import logger
 
+from engine.checkpoint import load_checkpoint, resolve_resume
+from engine.checkpoint_state import restore_run, restore_training
 from engine.config import EngineConfig
 from engine.context import ForwardFn, StepContext, call_model
 from engine.data import Batches, known_length, make_batches
@@ -56,8 +59,9 @@ class Engine:
         self.strategy = strategy
         self.config = config if config is not None else EngineConfig()
         self.forward = forward or call_model
+        self.callbacks = tuple(callbacks)
         self.bus = EventBus()
-        self.bus.add_all(callbacks)
+        self.bus.add_all(self.callbacks)
         self._stop_requested = False
 
     def on(
@@ -78,19 +82,34 @@ class Engine:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, model: torch.nn.Module, train: Any, eval: Any = None) -> FitResult:
+    def fit(
+        self,
+        model: torch.nn.Module,
+        train: Any,
+        eval: Any = None,
+        resume: str | os.PathLike[str] | None = None,
+    ) -> FitResult:
         """Train ``model`` on ``train`` for ``config.epochs`` (or ``max_steps``), evaluating on
         ``eval`` every ``eval_every`` epochs.
+
+        ``resume`` continues a run exactly where a checkpoint left it: ``"last"`` (the latest
+        checkpoint of ``output_dir/run_name``), a checkpoint folder or a run folder. The resumed
+        run keeps writing into the checkpoint's run folder. A checkpoint that does not fit this
+        run is refused (``CheckpointError``) before anything is written.
 
         Under ``torchrun`` every rank calls ``fit``: it joins the process group for the run
         (``engine/distributed_session.py``) and leaves it at the end.
         """
         with process_group(self.config.device, self.config.distributed_timeout_s):
-            return self._fit(model, train, eval)
+            return self._fit(model, train, eval, resume)
 
-    def _fit(self, model: torch.nn.Module, train: Any, eval: Any) -> FitResult:
+    def _fit(self, model: torch.nn.Module, train: Any, eval: Any, resume: Any) -> FitResult:
         config = self.config
         world = current_world()
+        checkpoint = None
+        if resume is not None:
+            path = resolve_resume(resume, config.output_dir, config.run_name)
+            checkpoint = load_checkpoint(path)
         device = resolve_device(config.device, world.local_rank)
         seed_everything(config.seed + world.rank)
         _check_trainable(model)
@@ -116,9 +135,12 @@ class Engine:
                 eval, "evaluation", config.effective_eval_batch_size, False, False, device, world
             )
         )
+        if checkpoint is not None:
+            restore_training(checkpoint, model, self.strategy, ctx, self.callbacks, config)
         run_dir = None
         if config.output_dir is not None and world.is_main:
-            run_dir = create_run_dir(config.output_dir, config.run_name)
+            resumed_dir = None if checkpoint is None else checkpoint.run_dir
+            run_dir = resumed_dir or create_run_dir(config.output_dir, config.run_name)
         run = RunState(
             engine=self,
             model=model,
@@ -129,7 +151,11 @@ class Engine:
             steps_per_epoch=known_length(train_batches),
             is_main_process=world.is_main,
             log=logger.bind(run=str(run_dir)),
+            context=ctx,
+            metric_buffer=MetricBuffer(),
         )
+        if checkpoint is not None:
+            restore_run(checkpoint, run)
         if run_dir is not None:
             run.paths["run_dir"] = run_dir
         run.monitor = config.monitor or _default_monitor(self.strategy, eval is not None)
@@ -168,7 +194,7 @@ class Engine:
     ) -> None:
         config, progress, fire = self.config, run.progress, self.bus.fire
         train_step = self.strategy.train_step
-        buffer = MetricBuffer()
+        buffer = run.metric_buffer or MetricBuffer()
         steps_per_epoch = run.steps_per_epoch
         for epoch in range(progress.epoch, config.epochs):
             started = time.perf_counter()
@@ -193,8 +219,7 @@ class Engine:
                     finished_epoch = progress.batch_in_epoch == steps_per_epoch
                     break
             if not finished_epoch:
-                buffer.discard()
-                return
+                return  # the partial epoch's metrics stay in run.metric_buffer for a checkpoint
             summary = {"epoch": float(epoch)}
             summary.update({f"train/{k}": v for k, v in buffer.epoch_means(ctx.world).items()})
             if eval_batches is not None and (epoch + 1) % config.eval_every == 0:

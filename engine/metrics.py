@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -75,6 +76,26 @@ class MetricBuffer:
         self._pending.clear()
         self._sums.clear()
         self._counts.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unread step values and the epoch's sums, so that a resume mid-epoch averages
+        exactly what an uninterrupted run would (same values, same grouping)."""
+        return {
+            "pending": {
+                key: {"values": torch.stack(values).detach().cpu(), "steps": list(steps)}
+                for key, (values, steps) in self._pending.items()
+            },
+            "sums": dict(self._sums),
+            "counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self._pending = {
+            key: (list(entry["values"].to(device).unbind(0)), [int(s) for s in entry["steps"]])
+            for key, entry in state["pending"].items()
+        }
+        self._sums = {key: float(value) for key, value in state["sums"].items()}
+        self._counts = {key: int(value) for key, value in state["counts"].items()}
 
 
 def _collective_device() -> torch.device:

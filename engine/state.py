@@ -16,7 +16,9 @@ import torch
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from engine.context import StepContext
     from engine.loop import Engine
+    from engine.metrics import MetricBuffer
     from engine.protocols import StepStrategy
 
 
@@ -68,6 +70,8 @@ class RunState:
     monitor: str | None = None
     log: Any = None
     extra: dict[str, Any] = attrs.field(factory=dict)
+    context: StepContext | None = None
+    metric_buffer: MetricBuffer | None = None
 
 
 @attrs.frozen

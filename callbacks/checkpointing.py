@@ -1,0 +1,365 @@
+"""Checkpoints of a run: periodic, ``last``, best-by-metric, and a final ``last`` on a crash.
+
+A save happens only at a consistent point, the state right after a completed ``train_step`` at
+the end of an accumulation window, so that resuming from it continues exactly the same run:
+
+* every ``every_n_steps`` steps (a save due inside an accumulation window waits for its end);
+* every ``every_n_epochs`` epochs, and when the monitored metric is among the ``best_k`` best.
+  An epoch's save is made once every EPOCH_END handler has run (at the next EPOCH_START, or at
+  FIT_END), so that the counters of handlers that run after this one (early stopping) are saved
+  after their update of that epoch;
+* at FIT_END (``last``), and on an exception or KeyboardInterrupt (``last``), unless the error
+  came inside ``train_step`` (a strategy may have stepped some optimisers but not others), in
+  the middle of an accumulation window, while the epoch's end (evaluation, schedulers) was
+  running, or was a non-finite loss: then the previous checkpoint stays the last one, and the
+  log says why.
+
+Only the main process writes. Files: see ``engine/checkpoint.py``; plain weights exported as
+``model_final.pt``/``model_best.pt`` (+ ``model_config.json``) in the run folder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from engine.checkpoint import (
+    CHECKPOINTS_DIR,
+    LAST,
+    MODEL_FILE,
+    complete_checkpoints,
+    remove_checkpoint,
+    write_checkpoint,
+)
+from engine.checkpoint_export import export_config, export_weights
+from engine.checkpoint_state import capture
+from engine.errors import ConfigError, NonFiniteLossError
+from engine.events import CHECKPOINT_PRIORITY
+from engine.state import RunState
+
+BEST_PREFIX = "best-"
+
+
+def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{attribute.name} must be a positive integer or None, got {value!r}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
+
+
+def _keep(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _non_negative(instance, attribute, value)
+
+
+def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
+
+
+def _mode(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in (None, "min", "max"):
+        raise ConfigError(f"mode must be one of ['min', 'max', None], got {value!r}")
+
+
+def _monitor(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"monitor must be a metric name such as 'eval/loss', got {value!r}")
+
+
+def _dirname(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+        raise ConfigError(f"directory must be a plain folder name, got {value!r}")
+
+
+def _better(value: float, other: float, mode: str) -> bool:
+    return value < other if mode == "min" else value > other
+
+
+@attrs.define
+class _EpochSave:
+    """What an epoch's end asked to save, made once its handlers are done."""
+
+    periodic: bool
+    value: float | None
+    new_best: bool
+
+
+@attrs.define(eq=False)
+class Checkpointing:
+    """``Checkpointing(every_n_epochs=1, every_n_steps=None, keep_periodic=None, best_k=1)``.
+
+    ``keep_periodic`` keeps that many of the newest periodic checkpoints (``None``: all; ``0``:
+    none, only ``last``). ``best_k`` keeps the k best by ``monitor`` (default: the run's
+    monitored metric) in ``mode`` (default: the config's ``monitor_mode``); 0 keeps none.
+    ``save_last`` refreshes ``checkpoints/last`` at every save, at the end and on a crash
+    (``save_on_exception``). ``export`` writes ``model_final.pt`` at the end and
+    ``model_best.pt`` at each new best, as plain ``state_dict`` files.
+    """
+
+    every_n_epochs: int | None = attrs.field(default=1, validator=_optional_positive)
+    every_n_steps: int | None = attrs.field(default=None, validator=_optional_positive)
+    keep_periodic: int | None = attrs.field(default=None, validator=_keep)
+    best_k: int = attrs.field(default=1, validator=_non_negative)
+    monitor: str | None = attrs.field(default=None, validator=_monitor)
+    mode: str | None = attrs.field(default=None, validator=_mode)
+    save_last: bool = attrs.field(default=True, validator=_bool)
+    save_on_exception: bool = attrs.field(default=True, validator=_bool)
+    export: bool = attrs.field(default=True, validator=_bool)
+    directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=_dirname)
+    priority: int = CHECKPOINT_PRIORITY
+    best_value: float | None = attrs.field(default=None, init=False)
+    _folder: Path | None = attrs.field(default=None, init=False)
+    _step_open: int | None = attrs.field(default=None, init=False)
+    _step_due: bool = attrs.field(default=False, init=False)
+    _epoch_due: _EpochSave | None = attrs.field(default=None, init=False)
+    _epoch_closing: bool = attrs.field(default=False, init=False)
+    _saved: tuple[int, int, int] | None = attrs.field(default=None, init=False)
+    _saved_model: Path | None = attrs.field(default=None, init=False)
+
+    # ---------------------------------------------------------------- events
+
+    def on_fit_start(self, run: RunState) -> None:
+        self._folder = None
+        if run.is_main_process and run.run_dir is not None:
+            self._folder = run.run_dir / self.directory
+        self._step_open, self._step_due, self._epoch_due = None, False, None
+        self._epoch_closing = False
+        self._saved = _position(run)  # a resumed run starts where its checkpoint was saved
+        self._saved_model = None
+
+    def on_epoch_start(self, run: RunState) -> None:
+        self._save_due_epoch(run)
+
+    def on_batch_start(self, run: RunState) -> None:
+        self._step_open = run.progress.step
+
+    def on_batch_end(self, run: RunState) -> None:
+        self._step_open = None
+        progress = run.progress
+        if self.every_n_steps is not None and progress.step % self.every_n_steps == 0:
+            self._step_due = True
+        if self._step_due and _window_reason(run) is None:
+            self._step_due = False
+            self._save(run, self._periodic_names(f"step-{progress.step:08d}"), None)
+        self._epoch_closing = progress.batch_in_epoch == run.steps_per_epoch
+
+    def on_epoch_end(self, run: RunState) -> None:
+        self._epoch_closing = False
+        epochs = run.progress.epoch
+        periodic = self.every_n_epochs is not None and epochs % self.every_n_epochs == 0
+        value = self._monitored(run)
+        new_best = value is not None and (
+            self.best_value is None or _better(value, self.best_value, self._mode(run))
+        )
+        if new_best:
+            self.best_value = value
+        if periodic or value is not None:
+            self._epoch_due = _EpochSave(periodic, value, new_best)
+
+    def on_fit_end(self, run: RunState) -> None:
+        self._save_due_epoch(run)
+        if self.save_last and _position(run) != self._saved:
+            reason = self._inconsistency(run)
+            if reason is None:
+                self._save(run, [LAST], None)
+            else:
+                run.log.warning(f"no final checkpoint: {reason}")
+        if self._folder is not None and self.export:
+            state = run.model.state_dict()
+            source = self._saved_model if _position(run) == self._saved else None
+            run.paths["model_final"] = export_weights(
+                self._folder.parent / "model_final.pt", state, source
+            )
+            self._export_config(run)
+
+    def on_exception(self, run: RunState) -> None:
+        if self._folder is None or not self.save_on_exception:
+            return
+        if isinstance(run.exception, NonFiniteLossError):
+            run.log.warning(
+                f"no checkpoint on this error: a non-finite loss; the last good checkpoint "
+                f"(step {self._saved[0] if self._saved else 'none'}) stays the latest"
+            )
+            return
+        reason = self._inconsistency(run)
+        if reason is not None:
+            run.log.warning(
+                f"no checkpoint on {type(run.exception).__name__}: {reason}; the checkpoint "
+                f"of step {self._saved[0] if self._saved else 'none'} stays the latest"
+            )
+            return
+        try:
+            self._save_due_epoch(run)
+            if self.save_last and _position(run) != self._saved:
+                self._save(run, [LAST], None)
+        except Exception as error:  # never hide the run's own error behind ours
+            run.log.error(f"checkpoint on exception failed: {type(error).__name__}: {error}")
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_value": self.best_value}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        value = state["best_value"]
+        self.best_value = None if value is None else float(value)
+
+    # ---------------------------------------------------------------- saving
+
+    def _save_due_epoch(self, run: RunState) -> None:
+        due, self._epoch_due = self._epoch_due, None
+        if due is None or self._folder is None:
+            return
+        epoch = run.progress.epoch
+        names = self._periodic_names(f"epoch-{epoch:04d}") if due.periodic else []
+        best_name = f"{BEST_PREFIX}epoch-{epoch:04d}"
+        if due.value is not None and self._qualifies(run, due.value):
+            names.append(best_name)
+        if names and self.save_last and LAST not in names:
+            names.insert(0, LAST)
+        if names:
+            self._save(run, names, due.value)
+        if due.new_best and self.export:
+            source = self._folder / best_name / MODEL_FILE if best_name in names else None
+            if source is None and _position(run) == self._saved:
+                source = self._saved_model
+            run.paths["model_best"] = export_weights(
+                self._folder.parent / "model_best.pt", run.model.state_dict(), source
+            )
+            self._export_config(run)
+
+    def _periodic_names(self, name: str) -> list[str]:
+        names = [LAST] if self.save_last else []
+        if self.keep_periodic != 0:
+            names.append(name)
+        return names
+
+    def _save(self, run: RunState, names: list[str], value: float | None) -> None:
+        if self._folder is None or not names:
+            return
+        model_state, training, meta = capture(run, run.engine.callbacks, value)
+        if run.config.nonfinite == "raise" and not _pending_finite(training):
+            run.log.warning(
+                f"checkpoint at step {run.progress.step} skipped: a loss since the last log "
+                "interval is not finite"
+            )
+            return
+        paths = write_checkpoint(self._folder, names, model_state, training, meta)
+        self._saved = _position(run)
+        self._saved_model = paths[0] / MODEL_FILE
+        run.paths["checkpoint"] = paths[0]
+        self._prune_periodic(names)
+        self._prune_best(run)
+
+    def _prune_periodic(self, names: list[str]) -> None:
+        assert self._folder is not None
+        if self.keep_periodic is None:
+            return
+        periodic = [
+            (int(meta.get("saved_at_ns", 0)), path)
+            for path, meta in complete_checkpoints(self._folder)
+            if path.name.startswith(("epoch-", "step-"))
+        ]
+        periodic.sort(key=lambda item: (item[0], item[1].name in names))
+        for _, path in periodic[: max(0, len(periodic) - self.keep_periodic)]:
+            remove_checkpoint(path)
+
+    def _best_entries(self) -> list[tuple[float, Path]]:
+        assert self._folder is not None
+        entries = []
+        for path, meta in complete_checkpoints(self._folder):
+            value = (meta.get("monitor") or {}).get("value")
+            if path.name.startswith(BEST_PREFIX) and isinstance(value, (int, float)):
+                entries.append((float(value), path))
+        return entries
+
+    def _qualifies(self, run: RunState, value: float) -> bool:
+        if self.best_k == 0:
+            return False
+        entries = self._best_entries()
+        if len(entries) < self.best_k:
+            return True
+        mode = self._mode(run)
+        worst = max(entries, key=lambda e: e[0]) if mode == "min" else min(entries)
+        return _better(value, worst[0], mode)
+
+    def _prune_best(self, run: RunState) -> None:
+        entries = self._best_entries()
+        if len(entries) <= self.best_k:
+            return
+        reverse = self._mode(run) == "max"
+        # Best first; among equal values the older checkpoint (smaller name) stays.
+        entries.sort(key=lambda e: (-e[0] if reverse else e[0], e[1].name))
+        for _, path in entries[self.best_k :]:
+            remove_checkpoint(path)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _mode(self, run: RunState) -> str:
+        return self.mode or run.config.monitor_mode
+
+    def _monitored(self, run: RunState) -> float | None:
+        monitor = self.monitor or run.monitor
+        if monitor is None or (self.best_k == 0 and not self.export):
+            return None
+        value = run.epoch_metrics.get(monitor)
+        if value is None:
+            if monitor.startswith("eval/") and not any(
+                key.startswith("eval/") for key in run.epoch_metrics
+            ):
+                return None  # no evaluation this epoch
+            raise ConfigError(
+                f"Checkpointing monitors {monitor!r}, which is not among this epoch's metrics "
+                f"{sorted(run.epoch_metrics)}"
+            )
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+    def _inconsistency(self, run: RunState) -> str | None:
+        """Why the run's state now is not one a resume could continue exactly, or None."""
+        if self._step_open is not None and run.progress.step == self._step_open:
+            return f"the error came inside train_step of step {run.progress.step + 1}"
+        if self._epoch_closing:
+            return "the error came while the epoch's end (evaluation, schedulers) was running"
+        return _window_reason(run)
+
+    def _export_config(self, run: RunState) -> None:
+        assert self._folder is not None
+        path = export_config(self._folder.parent / "model_config.json", run.model)
+        if path is not None:
+            run.paths["model_config"] = path
+
+
+def _position(run: RunState) -> tuple[int, int, int]:
+    progress = run.progress
+    return (progress.step, progress.epoch, progress.batch_in_epoch)
+
+
+def _window_reason(run: RunState) -> str | None:
+    """Why the current batch position is inside an accumulation window, or None."""
+    accumulate = run.config.accumulate_steps
+    done = run.progress.batch_in_epoch
+    if accumulate == 1 or done % accumulate == 0 or done == run.steps_per_epoch:
+        return None
+    return (
+        f"batch {done} of the epoch is inside an accumulation window of {accumulate} batches "
+        "(its gradients are not in any checkpoint)"
+    )
+
+
+def _pending_finite(training: Mapping[str, Any]) -> bool:
+    buffer = training.get("metric_buffer") or {}
+    for entry in buffer.get("pending", {}).values():
+        values = entry["values"]
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            return False
+    return True

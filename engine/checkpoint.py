@@ -1,0 +1,415 @@
+"""The checkpoint format on disk: one directory per checkpoint, written atomically, read safely.
+
+Layout of a run folder (``output_dir/<run-name>/``)::
+
+    checkpoints/
+        last/                  the latest save (every save refreshes it)
+        epoch-0003/            periodic saves (every N epochs), named by completed epochs
+        step-00000120/         periodic saves (every N steps), named by global step
+        best-epoch-0002/       the best ``k`` by the monitored metric
+            model.pt           model.state_dict(): loadable with plain torch.load
+            training.pt        strategy (optimisers, schedulers, counters), GradScaler, progress,
+                               metric buffer, RNG states, callback states, history and best value
+            meta.json          format version, config, progress, saved_at, monitor value
+            COMPLETE           written last: size and sha256 of every other file
+
+Every file is written to a temporary name in the same folder, fsynced and renamed; a checkpoint
+is staged in a hidden folder (``.staging-*``) and renamed into place only once its ``COMPLETE``
+marker is on disk, so a crash at any moment leaves each visible checkpoint either complete or
+untouched. A folder without a valid marker is never loaded.
+
+Reading verifies the marker's sizes and hashes before ``torch.load(weights_only=True)``: a
+truncated, corrupt or code-carrying file is refused with a ``CheckpointError`` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import attrs
+import torch
+
+from engine.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+MODEL_FILE = "model.pt"
+TRAINING_FILE = "training.pt"
+META_FILE = "meta.json"
+CHECKPOINTS_DIR = "checkpoints"
+LAST = "last"
+STAGING_PREFIX = ".staging-"
+OLD_PREFIX = ".old-"
+
+
+# ------------------------------------------------------------------ atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a no-op where folders can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes what passes through it."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        return self.handle.write(view)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+@attrs.frozen
+class FileRecord:
+    """What the ``COMPLETE`` marker remembers of one file."""
+
+    size: int
+    sha256: str
+
+
+def write_atomically(path: Path, write: Callable[[Any], None]) -> FileRecord:
+    """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync
+    it, rename it over ``path`` and fsync the folder; return its size and hash."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with temporary.open("wb") as handle:
+            writer = _HashingWriter(handle)
+            write(writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    fsync_dir(path.parent)
+    return FileRecord(writer.size, writer.sha256.hexdigest())
+
+
+def save_torch_file(path: Path, payload: Any) -> FileRecord:
+    """``torch.save(payload)`` to ``path``, atomically."""
+    return write_atomically(path, lambda handle: torch.save(payload, handle))
+
+
+def save_json_file(path: Path, payload: Any) -> FileRecord:
+    """``payload`` as indented JSON to ``path``, atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8")
+    return write_atomically(path, lambda handle: handle.write(text))
+
+
+# ------------------------------------------------------------------ writing a checkpoint
+
+
+def write_checkpoint(
+    directory: Path,
+    names: list[str],
+    model_state: Mapping[str, torch.Tensor],
+    training_state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> list[Path]:
+    """Write one checkpoint and install it under each of ``names`` in ``directory``.
+
+    The files are written once into a staging folder; further names get hard links to the same
+    files (a copy where links are not supported). Each name is installed by renames only, so an
+    existing checkpoint of that name is replaced whole or not at all.
+    """
+    if not names:
+        raise CheckpointError(f"write_checkpoint needs at least one name, got {names!r}")
+    check_weights_only_payload(training_state, TRAINING_FILE)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.time_ns()}"
+    first = directory / f"{STAGING_PREFIX}{names[0]}-{stamp}"
+    first.mkdir()
+    records = {
+        MODEL_FILE: save_torch_file(first / MODEL_FILE, dict(model_state)),
+        TRAINING_FILE: save_torch_file(first / TRAINING_FILE, dict(training_state)),
+        META_FILE: save_json_file(first / META_FILE, {"format": FORMAT_VERSION, **meta}),
+    }
+    marker = {
+        "format": FORMAT_VERSION,
+        "files": {name: attrs.asdict(record) for name, record in records.items()},
+    }
+    save_json_file(first / MARKER, marker)
+    stagings = [first]
+    for name in names[1:]:
+        staging = directory / f"{STAGING_PREFIX}{name}-{stamp}"
+        _link_folder(first, staging)
+        stagings.append(staging)
+    installed = []
+    for name, staging in zip(names, stagings):
+        installed.append(_install(staging, directory / name))
+    remove_stale_folders(directory)
+    return installed
+
+
+def _link_folder(source: Path, target: Path) -> None:
+    target.mkdir()
+    for entry in source.iterdir():
+        try:
+            os.link(entry, target / entry.name)
+        except OSError:
+            shutil.copy2(entry, target / entry.name)
+    fsync_dir(target)
+
+
+def _install(staging: Path, final: Path) -> Path:
+    """Rename a complete staging folder to ``final``, replacing what was there."""
+    parent = final.parent
+    if final.exists():
+        old = parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.time_ns()}"
+        os.rename(final, old)
+        os.rename(staging, final)
+        fsync_dir(parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+        fsync_dir(parent)
+    return final
+
+
+def remove_stale_folders(directory: Path) -> None:
+    """Remove staging and replaced folders left by an interrupted save (called after a save
+    succeeded, so the checkpoint it installed is newer than any of them)."""
+    for entry in directory.iterdir():
+        if entry.is_dir() and entry.name.startswith((STAGING_PREFIX, OLD_PREFIX)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint: its marker first, so a crash midway leaves no half folder that
+    looks complete."""
+    with contextlib.suppress(FileNotFoundError):
+        (path / MARKER).unlink()
+        fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ what may be saved
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def check_weights_only_payload(value: Any, where: str) -> None:
+    """Refuse, before writing, anything ``torch.load(weights_only=True)`` would not read back
+    (a callback's state holding an arbitrary object, say), naming where it sits."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise CheckpointError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; "
+                    "checkpoint keys must be str, int, float, bool or None"
+                )
+            check_weights_only_payload(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for index, item in enumerate(value):
+            check_weights_only_payload(item, f"{where}[{index}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(value).__name__} ({value!r:.80}); a checkpoint holds only tensors, "
+        "numbers, strings, None and lists/tuples/dicts of them, so that it loads with "
+        "torch.load(weights_only=True)"
+    )
+
+
+# ------------------------------------------------------------------ reading a checkpoint
+
+
+@attrs.frozen
+class LoadedCheckpoint:
+    """A checkpoint read from disk and verified: its folder and its three parts."""
+
+    path: Path
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    training_state: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder this checkpoint belongs to, if it lies in one's ``checkpoints/``."""
+        parent = self.path.parent
+        return parent.parent if parent.name == CHECKPOINTS_DIR else None
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The parsed ``COMPLETE`` marker of checkpoint ``path``; a missing or bad one is an error."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
+    marker_path = path / MARKER
+    if not marker_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: it has no {MARKER} marker (its save was "
+            "interrupted); resume from a complete checkpoint"
+        )
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        files = marker["files"]
+        version = marker["format"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint marker {marker_path} is corrupt: {error}") from error
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version!r}; this engine reads version "
+            f"{FORMAT_VERSION}"
+        )
+    expected = {MODEL_FILE, TRAINING_FILE, META_FILE}
+    if not isinstance(files, dict) or set(files) != expected:
+        listed = sorted(files) if isinstance(files, dict) else files
+        raise CheckpointError(
+            f"checkpoint marker {marker_path} lists files {listed!r}; expected {sorted(expected)}"
+        )
+    return marker
+
+
+def _verified_bytes(path: Path, record: Mapping[str, Any]) -> bytes:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    data = path.read_bytes()
+    if len(data) != record.get("size"):
+        raise CheckpointError(
+            f"checkpoint file {path} is truncated or corrupt: {len(data)} bytes, its marker "
+            f"records {record.get('size')}"
+        )
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: its sha256 differs from the one its marker records"
+        )
+    return data
+
+
+def load_torch_file(path: Path, data: bytes | None = None) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU; refusals become ``CheckpointError``."""
+    source: Any = io.BytesIO(data) if data is not None else path
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        text = str(error)
+        if "weights_only" in text or "Unsupported" in text or "global" in text.lower():
+            raise CheckpointError(
+                f"checkpoint file {path} is refused: it holds objects that could run code when "
+                f"loaded (only tensors and plain containers load with weights_only=True): "
+                f"{text.splitlines()[0] if text else type(error).__name__}"
+            ) from error
+        raise CheckpointError(
+            f"checkpoint file {path} can not be read ({type(error).__name__}: {text[:200]})"
+        ) from error
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read and verify checkpoint folder ``path`` (marker, sizes, hashes, weights-only load)."""
+    path = Path(path)
+    marker = read_marker(path)
+    files = marker["files"]
+    try:
+        meta = json.loads(_verified_bytes(path / META_FILE, files[META_FILE]).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint file {path / META_FILE} is not JSON: {error}") from error
+    model_state = load_torch_file(
+        path / MODEL_FILE, _verified_bytes(path / MODEL_FILE, files[MODEL_FILE])
+    )
+    training_state = load_torch_file(
+        path / TRAINING_FILE, _verified_bytes(path / TRAINING_FILE, files[TRAINING_FILE])
+    )
+    for name, value in ((MODEL_FILE, model_state), (TRAINING_FILE, training_state)):
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"checkpoint file {path / name} holds a {type(value).__name__}, not a dict"
+            )
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint file {path / META_FILE} holds no JSON object")
+    return LoadedCheckpoint(path, meta, model_state, training_state)
+
+
+# ------------------------------------------------------------------ finding checkpoints
+
+
+def complete_checkpoints(directory: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each folder of ``directory`` (staging ones included) with a readable marker and meta,
+    with its meta; incomplete folders are skipped."""
+    if not directory.is_dir():
+        return
+    for entry in sorted(directory.iterdir()):
+        if not entry.is_dir() or not (entry / MARKER).is_file():
+            continue
+        try:
+            read_marker(entry)
+            meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            yield entry, meta
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently saved complete checkpoint of a run folder, or None."""
+    found = list(complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR))
+    if not found:
+        return None
+    return max(found, key=lambda item: int(item[1].get("saved_at_ns", 0)))[0]
+
+
+def resolve_resume(
+    resume: str | os.PathLike[str], output_dir: Path | None, run_name: str | None
+) -> Path:
+    """The checkpoint folder ``resume`` names: ``"last"`` (the latest checkpoint of
+    ``output_dir/run_name``), a checkpoint folder, or a run folder (its latest checkpoint)."""
+    if isinstance(resume, str) and resume == LAST:
+        if output_dir is None or run_name is None:
+            raise CheckpointError(
+                "resume='last' continues the run folder output_dir/run_name; it needs both, got "
+                f"output_dir={output_dir!r}, run_name={run_name!r}"
+            )
+        run_dir = output_dir / run_name
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(
+                f"resume='last': no complete checkpoint under {run_dir / CHECKPOINTS_DIR}"
+            )
+        return found
+    if not isinstance(resume, (str, os.PathLike)):
+        raise CheckpointError(
+            f"resume must be 'last', a checkpoint folder or a run folder, got {resume!r}"
+        )
+    path = Path(resume)
+    if (path / MARKER).exists() or (path / MODEL_FILE).exists():
+        return path
+    if (path / CHECKPOINTS_DIR).is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(
+                f"resume={str(path)!r}: run folder has no complete checkpoint under "
+                f"{path / CHECKPOINTS_DIR}"
+            )
+        return found
+    raise CheckpointError(
+        f"resume={str(path)!r} is neither 'last', a checkpoint folder (with {MARKER}) nor a run "
+        f"folder (with {CHECKPOINTS_DIR}/)"
+    )

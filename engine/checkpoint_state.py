@@ -1,0 +1,225 @@
+"""What a checkpoint holds of a run, and putting it back: an explicit whitelist, both ways.
+
+``capture`` takes the model's ``state_dict``, the strategy's state (optimisers, schedulers,
+counters), the GradScaler, ``Progress``, the metric buffer of the current epoch, every RNG
+stream, each stateful callback's ``state_dict()``, the run's history and best value, and the
+config. ``restore_training`` checks a loaded checkpoint against this run (config fields that
+decide the data order, model shapes, strategy and its roles) before it changes anything, then
+loads it; ``restore_run`` puts back what lives on the ``RunState``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from loguru import logger
+
+from engine.checkpoint import LoadedCheckpoint
+from engine.errors import CheckpointError
+from engine.seeding import rng_states, set_rng_states
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.context import StepContext
+    from engine.distributed import World
+    from engine.protocols import StepStrategy
+    from engine.state import RunState
+
+# Config fields that decide which samples each step sees: a resume must keep them.
+SAME_RUN_FIELDS = ("seed", "batch_size", "shuffle", "drop_last", "accumulate_steps")
+
+
+def stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
+    """Callbacks with ``state_dict``/``load_state_dict``, keyed by class name (``#n`` for the
+    n-th repeat of a class)."""
+    found: dict[str, Any] = {}
+    for callback in callbacks:
+        if not (
+            callable(getattr(callback, "state_dict", None))
+            and callable(getattr(callback, "load_state_dict", None))
+        ):
+            continue
+        name = type(callback).__name__
+        key, index = name, 1
+        while key in found:
+            key, index = f"{name}#{index}", index + 1
+        found[key] = callback
+    return found
+
+
+def capture(
+    run: RunState, callbacks: Iterable[Any], monitor_value: float | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """The model state, the training state and the meta record of ``run`` as it is now."""
+    ctx = run.context
+    buffer = run.metric_buffer
+    model_state = {key: value.detach().cpu() for key, value in run.model.state_dict().items()}
+    training = {
+        "strategy": run.strategy.state_dict(),
+        "scaler": None if ctx is None or ctx.scaler is None else ctx.scaler.state_dict(),
+        "progress": run.progress.state_dict(),
+        "metric_buffer": None if buffer is None else buffer.state_dict(),
+        "rng": rng_states(),
+        "callbacks": {key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()},
+        "run": {
+            "history": [dict(record) for record in run.history],
+            "best_value": run.best_value,
+            "best_epoch": run.best_epoch,
+            "monitor": run.monitor,
+        },
+    }
+    meta = {
+        "config": run.config.to_dict(),
+        "progress": run.progress.state_dict(),
+        "world_size": 1 if ctx is None else ctx.world.world_size,
+        "strategy": type(run.strategy).__name__,
+        "model": type(run.model).__name__,
+        "monitor": {"name": run.monitor, "value": monitor_value, "mode": run.config.monitor_mode},
+        "saved_at_ns": time.time_ns(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+    return model_state, training, meta
+
+
+# ------------------------------------------------------------------ checks before loading
+
+
+def _check_same_run(checkpoint: LoadedCheckpoint, config: EngineConfig, world: World) -> None:
+    saved = checkpoint.meta.get("config", {})
+    current = config.to_dict()
+    for field in SAME_RUN_FIELDS:
+        if field in saved and saved[field] != current[field]:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written with {field}={saved[field]!r}; this "
+                f"run has {field}={current[field]!r}. Resuming would not continue the same run "
+                f"(these fields must match: {list(SAME_RUN_FIELDS)})"
+            )
+    saved_world = checkpoint.meta.get("world_size", 1)
+    if saved_world != world.world_size:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written by {saved_world} process(es); this run "
+            f"has {world.world_size}: each rank's share of the data would differ"
+        )
+
+
+def _check_model(checkpoint: LoadedCheckpoint, model: torch.nn.Module) -> None:
+    where = checkpoint.path / "model.pt"
+    saved, current = checkpoint.model_state, model.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {where} is foreign to model {type(model).__name__}: missing keys "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, value in current.items():
+        other = saved[key]
+        if not isinstance(other, torch.Tensor):
+            raise CheckpointError(f"checkpoint {where} entry {key!r} is not a tensor")
+        if other.shape != value.shape or other.dtype != value.dtype:
+            raise CheckpointError(
+                f"checkpoint {where} is foreign to model {type(model).__name__}: {key!r} is "
+                f"{tuple(other.shape)} {other.dtype} there, {tuple(value.shape)} {value.dtype} "
+                "here"
+            )
+
+
+def _key_tree(value: Any, depth: int) -> Any:
+    if depth == 0 or not isinstance(value, Mapping):
+        return None
+    return {key: _key_tree(item, depth - 1) for key, item in value.items()}
+
+
+def _check_strategy(checkpoint: LoadedCheckpoint, strategy: StepStrategy) -> None:
+    saved_name = checkpoint.meta.get("strategy")
+    name = type(strategy).__name__
+    if saved_name != name:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written by strategy {saved_name!r}; this run uses "
+            f"{name!r}"
+        )
+    saved = checkpoint.training_state.get("strategy")
+    # Two levels of keys: the strategy's parts and, below them, its roles.
+    expected, found = _key_tree(strategy.state_dict(), 2), _key_tree(saved, 2)
+    if expected != found:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} holds strategy state with parts/roles {found}; "
+            f"this {name} strategy has {expected}"
+        )
+
+
+def _required(checkpoint: LoadedCheckpoint, key: str) -> Any:
+    state = checkpoint.training_state
+    if key not in state:
+        raise CheckpointError(
+            f"checkpoint file {checkpoint.path / 'training.pt'} has no {key!r} entry; "
+            f"entries: {sorted(state)}"
+        )
+    return state[key]
+
+
+# ------------------------------------------------------------------ loading
+
+
+def restore_training(
+    checkpoint: LoadedCheckpoint,
+    model: torch.nn.Module,
+    strategy: StepStrategy,
+    ctx: StepContext,
+    callbacks: Iterable[Any],
+    config: EngineConfig,
+) -> None:
+    """Check ``checkpoint`` against this run, then load model, strategy, scaler, progress and
+    callback states. Nothing is changed when a check fails."""
+    _check_same_run(checkpoint, config, ctx.world)
+    _check_model(checkpoint, model)
+    _check_strategy(checkpoint, strategy)
+    for key in ("progress", "rng", "run", "callbacks", "scaler", "metric_buffer"):
+        _required(checkpoint, key)
+    scaler_state = checkpoint.training_state["scaler"]
+    if (scaler_state is None) != (ctx.scaler is None):
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written with precision "
+            f"{checkpoint.meta.get('config', {}).get('precision')!r} "
+            f"({'no ' if scaler_state is None else ''}GradScaler); this run has precision "
+            f"{config.precision!r}"
+        )
+    try:
+        strategy.load_state_dict(checkpoint.training_state["strategy"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: the strategy state does not fit this "
+            f"{type(strategy).__name__} strategy ({type(error).__name__}: {error})"
+        ) from error
+    with torch.no_grad():
+        model.load_state_dict(checkpoint.model_state)
+    if ctx.scaler is not None:
+        ctx.scaler.load_state_dict(scaler_state)
+    ctx.progress.load_state_dict(checkpoint.training_state["progress"])
+    saved_callbacks = checkpoint.training_state["callbacks"]
+    current = stateful_callbacks(callbacks)
+    for key, callback in current.items():
+        if key in saved_callbacks:
+            callback.load_state_dict(saved_callbacks[key])
+        else:
+            logger.warning(f"checkpoint {checkpoint.path} has no state for callback {key}")
+    for key in sorted(set(saved_callbacks) - set(current)):
+        logger.warning(f"checkpoint {checkpoint.path} holds state of callback {key}, not in run")
+
+
+def restore_run(checkpoint: LoadedCheckpoint, run: RunState) -> None:
+    """Put back the run's history, best value, metric buffer and, last, the RNG streams."""
+    saved = checkpoint.training_state["run"]
+    run.history[:] = [dict(record) for record in saved["history"]]
+    run.best_value = saved["best_value"]
+    run.best_epoch = saved["best_epoch"]
+    buffer_state = checkpoint.training_state["metric_buffer"]
+    if run.metric_buffer is not None and buffer_state is not None:
+        device = run.context.device if run.context is not None else torch.device("cpu")
+        run.metric_buffer.load_state_dict(buffer_state, device)
+    set_rng_states(checkpoint.training_state["rng"])
