@@ -280,10 +280,15 @@ def _bounds_or_error(
             f"{name} data yields no batches: {n} samples, batch_size {batch_size} x "
             f"{world.world_size} process(es), drop_last=True"
         )
-    if any(hi <= lo for lo, hi in bounds):
+    last = n - (len(bounds) - 1) * batch_size * world.world_size
+    share = math.ceil(last / world.world_size)
+    if (world.world_size - 1) * share >= last:
+        # Checked for every rank's shard, so that every rank raises, not only the empty one.
+        empty = [rank for rank in range(world.world_size) if rank * share >= last]
         raise DataError(
-            f"{name} data: {n} samples leave rank {world.rank} an empty last batch with "
-            f"batch_size {batch_size} x {world.world_size} processes; use drop_last=True"
+            f"{name} data: {n} samples leave rank(s) {empty} an empty last batch with "
+            f"batch_size {batch_size} x {world.world_size} processes (the last global batch "
+            f"holds {last} samples); use drop_last=True or a batch size that fits"
         )
     return bounds
 

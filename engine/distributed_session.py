@@ -2,14 +2,18 @@
 
 ``torchrun`` describes the world in the environment: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
 and the rendezvous ``MASTER_ADDR``/``MASTER_PORT``. ``process_group`` reads them, picks the
-backend from the device (nccl for CUDA, gloo otherwise), initialises the default process group
-with the run's timeout, and destroys it when the run ends, so a later ``fit`` in the same process
-joins afresh. A process group the user initialised before ``fit`` is the explicit setting: it is
-used as it is and left alone at the end.
+backend from the device (nccl for CUDA, gloo otherwise) and initialises the default process group
+once, with the run's timeout; later ``fit`` calls in the same process reuse it, and it is
+destroyed when the process exits. A process group the user initialised before ``fit`` is the
+explicit setting (any backend, any rendezvous): it is used as it is.
+
+The group is not destroyed between two successful fits on purpose: re-creating it races (a fast
+rank can reach the previous rendezvous store before the slowest rank has closed it).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -20,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine.device import resolve_device
-from engine.distributed import World, collective, current_world
+from engine.distributed import World, current_world
 from engine.errors import DistributedError
 
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
@@ -77,17 +81,37 @@ def backend_for(device: torch.device) -> str:
 def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
     """The run's world for the duration of the block.
 
-    Joins the group the environment describes (initialised here, destroyed on the way out,
-    after a barrier when the block succeeded), or uses one that is already initialised, or is a
-    single process. On the way out after an error the group is destroyed at once: the other
-    ranks' next collective then fails fast with a ``DistributedError`` instead of waiting.
+    Joins the group the environment describes on the first call (later calls, and a group the
+    user initialised, are used as they are), or is a single process. A group this joined is
+    destroyed when the process exits (or by ``leave_process_group``). When the block raises,
+    the group is destroyed at once, whoever made it: the other ranks' next collective then
+    fails fast with a ``DistributedError`` instead of waiting for the timeout.
     """
-    if dist.is_available() and dist.is_initialized():
-        yield current_world()
+    if not (dist.is_available() and dist.is_initialized()):
+        _join(device_name, timeout_s)
+    world = current_world()
+    if not world.is_distributed:
+        yield world
         return
+    try:
+        yield world
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if there is one (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _join(device_name: str, timeout_s: float) -> None:
+    """Initialise the default process group the environment describes (nothing in one
+    process), on the local rank's device, with ``timeout_s`` for every collective."""
     env = launch_environment()
     if not env.is_distributed:
-        yield World(local_rank=env.local_rank)
         return
     if not dist.is_available():
         raise DistributedError(
@@ -110,19 +134,8 @@ def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
             f"at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
             f"{timeout_s} s: {error}"
         ) from error
-    world = current_world()
-    succeeded = False
-    try:
-        yield world
-        succeeded = True
-    finally:
-        if succeeded:
-            try:
-                collective("the closing barrier", world, dist.barrier)
-            finally:
-                dist.destroy_process_group()
-        else:
-            dist.destroy_process_group()
+    atexit.unregister(leave_process_group)
+    atexit.register(leave_process_group)
 
 
 def _env_int(env: Mapping[str, str], name: str, default: str) -> int:

@@ -324,22 +324,23 @@ class Engine:
         drop_last: bool,
         device: torch.device,
         world: World,
+        lockstep: bool = False,
     ) -> Batches:
+        """``lockstep``: every rank must run the same number of batches (training); otherwise
+        a rank whose shard of the last batch is empty just runs one batch fewer."""
         config = self.config
         return make_batches(
             data,
             name=name,
             batch_size=batch_size,
             shuffle=shuffle,
-        lockstep: bool = False,
             drop_last=drop_last,
-        """``lockstep``: every rank must run the same number of batches (training); otherwise
-        a rank whose shard of the last batch is empty just runs one batch fewer."""
             seed=config.seed,
             device=device,
             world=world,
             on_device=config.data_on_device,
             num_workers=config.num_workers,
+            lockstep=lockstep,
         )
 
 
@@ -347,7 +348,6 @@ def _check_trainable(model: torch.nn.Module) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not any(param.requires_grad for param in model.parameters()):
-            lockstep=lockstep,
         raise StrategyError(
             f"model {type(model).__name__} has no trainable parameters "
             f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad=True)"
