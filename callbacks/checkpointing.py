@@ -102,7 +102,8 @@ class Checkpointing:
     monitored metric) in ``mode`` (default: the config's ``monitor_mode``); 0 keeps none.
     ``save_last`` refreshes ``checkpoints/last`` at every save, at the end and on a crash
     (``save_on_exception``). ``export`` writes ``model_final.pt`` at the end and
-    ``model_best.pt`` at each new best, as plain ``state_dict`` files.
+    ``model_best.pt`` at each new best, as plain ``state_dict`` files. ``durable=False`` skips
+    the fsyncs: a checkpoint still survives the process being killed, not a power cut.
     """
 
     every_n_epochs: int | None = attrs.field(default=1, validator=_optional_positive)
@@ -115,6 +116,7 @@ class Checkpointing:
     save_on_exception: bool = attrs.field(default=True, validator=_bool)
     export: bool = attrs.field(default=True, validator=_bool)
     directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=_dirname)
+    durable: bool = attrs.field(default=True, validator=_bool)
     priority: int = CHECKPOINT_PRIORITY
     best_value: float | None = attrs.field(default=None, init=False)
     _folder: Path | None = attrs.field(default=None, init=False)
@@ -253,7 +255,7 @@ class Checkpointing:
                 "interval is not finite"
             )
             return
-        paths = write_checkpoint(self._folder, names, model_state, training, meta)
+        paths = write_checkpoint(self._folder, names, model_state, training, meta, self.durable)
         self._saved = _position(run)
         self._saved_model = paths[0] / MODEL_FILE
         run.paths["checkpoint"] = paths[0]

@@ -92,34 +92,43 @@ class FileRecord:
     sha256: str
 
 
-def write_atomically(path: Path, write: Callable[[Any], None]) -> FileRecord:
+def write_atomically(
+    path: Path, write: Callable[[Any], None], sync_file: bool = True, sync_folder: bool = True
+) -> FileRecord:
     """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync
-    it, rename it over ``path`` and fsync the folder; return its size and hash."""
+    it, rename it over ``path`` and fsync the folder; return its size and hash.
+
+    ``sync_folder=False`` leaves the folder's fsync to the caller (a staging folder is synced
+    once, after its last file). Without ``sync_file`` the write still survives the process
+    being killed (the rename is atomic), but not a power cut."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with temporary.open("wb") as handle:
             writer = _HashingWriter(handle)
             write(writer)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync_file:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
     return FileRecord(writer.size, writer.sha256.hexdigest())
 
 
-def save_torch_file(path: Path, payload: Any) -> FileRecord:
-    """``torch.save(payload)`` to ``path``, atomically."""
-    return write_atomically(path, lambda handle: torch.save(payload, handle))
+def save_torch_file(path: Path, payload: Any, sync: bool = True) -> FileRecord:
+    """``torch.save(payload)`` to ``path``, atomically (fsynced, with its folder, if ``sync``)."""
+    return write_atomically(path, lambda handle: torch.save(payload, handle), sync, sync)
 
 
-def save_json_file(path: Path, payload: Any) -> FileRecord:
-    """``payload`` as indented JSON to ``path``, atomically."""
+def save_json_file(path: Path, payload: Any, sync: bool = True) -> FileRecord:
+    """``payload`` as indented JSON to ``path``, atomically (fsynced, with its folder, if
+    ``sync``)."""
     text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8")
-    return write_atomically(path, lambda handle: handle.write(text))
+    return write_atomically(path, lambda handle: handle.write(text), sync, sync)
 
 
 # ------------------------------------------------------------------ writing a checkpoint
@@ -131,12 +140,15 @@ def write_checkpoint(
     model_state: Mapping[str, torch.Tensor],
     training_state: Mapping[str, Any],
     meta: Mapping[str, Any],
+    durable: bool = True,
 ) -> list[Path]:
     """Write one checkpoint and install it under each of ``names`` in ``directory``.
 
     The files are written once into a staging folder; further names get hard links to the same
     files (a copy where links are not supported). Each name is installed by renames only, so an
-    existing checkpoint of that name is replaced whole or not at all.
+    existing checkpoint of that name is replaced whole or not at all. ``durable`` fsyncs
+    files and folders (survives a power cut); without it a checkpoint still survives the process
+    being killed at any moment.
     """
     if not names:
         raise CheckpointError(f"write_checkpoint needs at least one name, got {names!r}")
@@ -145,50 +157,60 @@ def write_checkpoint(
     stamp = f"{os.getpid()}-{time.time_ns()}"
     first = directory / f"{STAGING_PREFIX}{names[0]}-{stamp}"
     first.mkdir()
+
+    def save_file(name: str, write: Callable[[Any], None]) -> FileRecord:
+        return write_atomically(first / name, write, sync_file=durable, sync_folder=False)
+
+    meta_text = json.dumps({"format": FORMAT_VERSION, **meta}, indent=2, default=str)
     records = {
-        MODEL_FILE: save_torch_file(first / MODEL_FILE, dict(model_state)),
-        TRAINING_FILE: save_torch_file(first / TRAINING_FILE, dict(training_state)),
-        META_FILE: save_json_file(first / META_FILE, {"format": FORMAT_VERSION, **meta}),
+        MODEL_FILE: save_file(MODEL_FILE, lambda handle: torch.save(dict(model_state), handle)),
+        TRAINING_FILE: save_file(
+            TRAINING_FILE, lambda handle: torch.save(dict(training_state), handle)
+        ),
+        META_FILE: save_file(META_FILE, lambda handle: handle.write(meta_text.encode("utf-8"))),
     }
     marker = {
         "format": FORMAT_VERSION,
         "files": {name: attrs.asdict(record) for name, record in records.items()},
     }
-    save_json_file(first / MARKER, marker)
+    if durable:  # the files' names are on disk before the marker says they are complete
+        fsync_dir(first)
+    save_json_file(first / MARKER, marker, durable)
     stagings = [first]
     for name in names[1:]:
         staging = directory / f"{STAGING_PREFIX}{name}-{stamp}"
-        _link_folder(first, staging)
+        _link_folder(first, staging, durable)
         stagings.append(staging)
     installed = []
     for name, staging in zip(names, stagings):
-        installed.append(_install(staging, directory / name))
+        installed.append(_install(staging, directory / name, durable))
     remove_stale_folders(directory)
     return installed
 
 
-def _link_folder(source: Path, target: Path) -> None:
+def _link_folder(source: Path, target: Path, durable: bool) -> None:
     target.mkdir()
     for entry in source.iterdir():
         try:
             os.link(entry, target / entry.name)
         except OSError:
             shutil.copy2(entry, target / entry.name)
-    fsync_dir(target)
+    if durable:
+        fsync_dir(target)
 
 
-def _install(staging: Path, final: Path) -> Path:
+def _install(staging: Path, final: Path, durable: bool) -> Path:
     """Rename a complete staging folder to ``final``, replacing what was there."""
     parent = final.parent
+    old = None
     if final.exists():
         old = parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.time_ns()}"
         os.rename(final, old)
-        os.rename(staging, final)
+    os.rename(staging, final)
+    if durable:
         fsync_dir(parent)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, final)
-        fsync_dir(parent)
     return final
 
 
