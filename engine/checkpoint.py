@@ -391,11 +391,15 @@ def complete_checkpoints(directory: Path) -> Iterator[tuple[Path, dict[str, Any]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently saved complete checkpoint of a run folder, or None."""
+    """The most recently saved complete checkpoint of a run folder (hidden staging folders
+    included: a crash between the renames of a save leaves its checkpoint there), or None."""
     found = list(complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR))
     if not found:
         return None
-    return max(found, key=lambda item: int(item[1].get("saved_at_ns", 0)))[0]
+    # One save installed under several names shares its time: prefer ``last`` among them.
+    return max(found, key=lambda item: (int(item[1].get("saved_at_ns", 0)), item[0].name == LAST))[
+        0
+    ]
 
 
 def resolve_resume(
