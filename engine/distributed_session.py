@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from engine.device import resolve_device
-from engine.distributed import World, current_world
+from engine.distributed import World, collective, current_world
 from engine.errors import DistributedError
 
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
@@ -93,6 +93,9 @@ def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
     if not world.is_distributed:
         yield world
         return
+    # Ranks enter a run together: whatever rank 0 wrote before (a checkpoint to resume from)
+    # is complete before any rank reads it.
+    collective("the opening barrier", world, dist.barrier)
     try:
         yield world
     except BaseException:

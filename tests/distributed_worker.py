@@ -1,0 +1,350 @@
+"""Scenarios that every rank of a small gloo world runs, for ``tests/engine/test_distributed.py``.
+
+``spawn(scenario, folder)`` starts the processes with the environment ``torchrun`` would give
+them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so the engine
+joins the process group itself. Each rank saves what it observed to ``folder/rank<r>.pt``; the
+test process loads those and asserts. Torch takes seconds to start, so one spawn runs many
+fits (each of which joins and leaves the process group: a second ``fit`` in one process works).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import callbacks as callback_package
+import strategies
+from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
+from engine import Engine, EngineConfig, OptimizerSpec
+
+N_TRAIN = 48  # 6 global batches of 2 x 4
+N_EVAL = 9  # the last global eval batch leaves rank 1 nothing: no padding, no duplicate
+BATCH = 4
+FEATURES = 6
+
+
+# ------------------------------------------------------------------ models
+
+
+class Recorder(nn.Module):
+    """Remembers the ``index`` of every sample it sees, in training and in evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+        self.eval_seen: list[int] = []
+
+    def record(self, batch: dict[str, torch.Tensor]) -> None:
+        (self.seen if self.training else self.eval_seen).extend(batch["index"].tolist())
+
+
+class Autoencoder(Recorder):
+    """Deterministic AE; optional ``discriminator`` on the code for the adversarial roles."""
+
+    def __init__(self, discriminator: bool = False) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.decoder = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, FEATURES))
+        self.discriminator = (
+            nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)) if discriminator else None
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        self.record(batch)
+        x = batch["data"]
+        z = self.encoder(x)
+        recon = (self.decoder(z) - x).pow(2).sum(1).mean()
+        out = {"loss": recon, "encoder_loss": recon + 0.1 * z.pow(2).sum(1).mean()}
+        out["decoder_loss"] = recon
+        if self.discriminator is not None:
+            prior = torch.cos(x[:, :3] * 3.0)  # a deterministic stand-in for prior samples
+            fake, real = self.discriminator(z), self.discriminator(prior)
+            ones, zeros = torch.ones_like(fake), torch.zeros_like(fake)
+            adversarial = F.binary_cross_entropy_with_logits(fake, ones)
+            out["autoencoder_loss"] = recon + 0.5 * adversarial
+            out["encoder_loss"] = out["encoder_loss"] + 0.5 * adversarial
+            out["discriminator_loss"] = F.binary_cross_entropy_with_logits(
+                real, ones
+            ) + F.binary_cross_entropy_with_logits(fake, zeros)
+        return out
+
+
+class PartlyUsed(Recorder):
+    """``extra`` gets a gradient only where ``use_extra`` is set (one rank); ``unused`` never."""
+
+    def __init__(self, use_extra: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, FEATURES)
+        self.extra = nn.Parameter(torch.ones(FEATURES))
+        self.unused = nn.Parameter(torch.ones(FEATURES))
+        self.use_extra = use_extra
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        self.record(batch)
+        x = batch["data"]
+        y = self.linear(x)
+        if self.use_extra:
+            y = y * self.extra
+        return {"loss": (y - x.flip(1)).pow(2).mean()}
+
+
+class FailsAtStep(Recorder):
+    """Raises in its forward at training step ``fail_at`` (counted from 0) when armed."""
+
+    def __init__(self, fail_at: int | None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, FEATURES)
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        if self.training and self.calls == self.fail_at:
+            raise ValueError(f"deliberate failure at step {self.calls}")
+        self.calls += 1
+        return {"loss": self.linear(batch["data"]).pow(2).mean()}
+
+
+# --------------------------------------------------------------- strategies
+
+
+def _adam() -> OptimizerSpec:
+    return OptimizerSpec("Adam", lr=1e-2)
+
+
+STRATEGIES: dict[str, tuple[Callable[[], Any], bool]] = {
+    # name: (strategy factory, whether the model needs a discriminator)
+    "Standard": (lambda: strategies.Standard(_adam()), False),
+}
+if hasattr(strategies, "Adversarial"):
+    STRATEGIES["Adversarial"] = (
+        lambda: strategies.Adversarial(generator=_adam(), discriminator=_adam()),
+        True,
+    )
+if hasattr(strategies, "Coupled"):
+    STRATEGIES["Coupled"] = (lambda: strategies.Coupled(encoder=_adam(), decoder=_adam()), False)
+if hasattr(strategies, "CoupledAdversarial"):
+    STRATEGIES["CoupledAdversarial"] = (
+        lambda: strategies.CoupledAdversarial(
+            encoder=_adam(), decoder=_adam(), discriminator=_adam()
+        ),
+        True,
+    )
+
+
+# --------------------------------------------------------------------- data
+
+
+def train_data(n: int = N_TRAIN) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {"data": torch.randn(n, FEATURES, generator=generator), "index": torch.arange(n)}
+
+
+def eval_data() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    return {
+        "data": torch.randn(N_EVAL, FEATURES, generator=generator),
+        "index": torch.arange(N_EVAL),
+    }
+
+
+class MapDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """A map-style dataset over ``train_data()``: the DataLoader path, not the fast path."""
+
+    def __init__(self) -> None:
+        self.data = train_data()
+
+    def __len__(self) -> int:
+        return N_TRAIN
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.data.items()}
+
+
+def config(**overrides: Any) -> EngineConfig:
+    values: dict[str, Any] = {
+        "epochs": 2,
+        "batch_size": BATCH,
+        "device": "cpu",
+        "output_dir": None,
+        "log_every": 2,
+        "distributed_timeout_s": 60.0,
+    }
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+class EpochSamples:
+    """Moves the model's recorded sample indices into one list per epoch."""
+
+    def __init__(self, model: Recorder) -> None:
+        self.model = model
+        self.epochs: list[list[int]] = []
+        self.eval_epochs: list[list[int]] = []
+
+    def on_epoch_end(self, run: Any) -> None:
+        self.epochs.append(list(self.model.seen))
+        self.eval_epochs.append(list(self.model.eval_seen))
+        self.model.seen.clear()
+        self.model.eval_seen.clear()
+
+
+def state_tensors(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor (and number) inside nested dicts and lists, by its path."""
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(value, torch.Tensor):
+        found[prefix] = value.detach().clone()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        found[prefix] = torch.tensor(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found.update(state_tensors(item, f"{prefix}/{key}"))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found.update(state_tensors(item, f"{prefix}/{index}"))
+    return found
+
+
+def train_strategy(name: str, rank_seed: int, batch_size: int = BATCH, **overrides: Any) -> dict:
+    """Fit strategy ``name`` from a model initialised with ``rank_seed``; what it ended with."""
+    factory, needs_discriminator = STRATEGIES[name]
+    torch.manual_seed(rank_seed)  # ranks start different: the engine broadcasts rank 0's
+    model = Autoencoder(discriminator=needs_discriminator)
+    strategy = factory()
+    samples = EpochSamples(model)
+    result = Engine(strategy, config(batch_size=batch_size, **overrides), [samples]).fit(
+        model, train_data(), eval_data()
+    )
+    return {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer": state_tensors(strategy.state_dict()),
+        "history": result.history,
+        "samples": samples.epochs,
+        "eval_samples": samples.eval_epochs,
+    }
+
+
+def train_resumable(
+    rank_seed: int,
+    epochs: int,
+    folder: Path | None = None,
+    resume: str | None = None,
+    batch_size: int = BATCH,
+) -> dict[str, torch.Tensor]:
+    """Standard on the AE with a checkpoint every epoch in ``folder/run`` (rank 0 writes)."""
+    callbacks = [] if folder is None else [callback_package.Checkpointing()]
+    overrides: dict[str, Any] = {"epochs": epochs, "batch_size": batch_size}
+    if folder is not None:
+        overrides.update(output_dir=folder, run_name="run")
+    torch.manual_seed(rank_seed)
+    model = Autoencoder()
+    Engine(strategies.Standard(_adam()), config(**overrides), callbacks).fit(
+        model, train_data(), eval_data(), resume=resume
+    )
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
+    """Every strategy, the DataLoader path, gradients missing on a rank, rank-0-only files,
+    then a rank that fails."""
+    results: dict[str, Any] = {"strategies": {}}
+    for name in STRATEGIES:
+        results["strategies"][name] = train_strategy(name, rank_seed=rank)
+    results["accumulate"] = train_strategy("Standard", rank_seed=rank, accumulate_steps=2)
+
+    torch.manual_seed(rank)
+    model = Autoencoder()
+    samples = EpochSamples(model)
+    Engine(strategies.Standard(_adam()), config(), [samples]).fit(model, MapDataset())
+    results["loader_samples"] = samples.epochs
+
+    partly = PartlyUsed(use_extra=rank == 1)
+    sgd = OptimizerSpec("SGD", lr=0.1, momentum=0.9, weight_decay=0.1)
+    Engine(strategies.Standard(sgd), config(epochs=1)).fit(partly, train_data())
+    results["partly_used"] = {k: v.detach().clone() for k, v in partly.state_dict().items()}
+
+    output = folder / f"output-rank{rank}"
+    files_config = config(epochs=1, output_dir=output, run_name="run")
+    callbacks = [MetricsHistory(), ConsoleMetrics(), ProgressBar(disable=True)]
+    checkpointing = getattr(callback_package, "Checkpointing", None)
+    if checkpointing is not None:
+        callbacks.append(checkpointing())
+    torch.manual_seed(rank)
+    fitted = Engine(strategies.Standard(_adam()), files_config, callbacks).fit(
+        Autoencoder(), train_data(), eval_data()
+    )
+    results["files"] = sorted(str(path.relative_to(output)) for path in output.rglob("*"))
+    results["run_dir"] = None if fitted.run_dir is None else str(fitted.run_dir)
+
+    # Resume: 1 epoch with checkpoints (rank 0 writes), then continue to 3 epochs; the same
+    # 3 epochs in one go are the reference.
+    results["resume_reference"] = train_resumable(rank, epochs=3)
+    train_resumable(rank, epochs=1, folder=folder / "resume")
+    results["resumed"] = train_resumable(rank, epochs=3, folder=folder / "resume", resume="last")
+
+    failing = FailsAtStep(fail_at=3 if rank == 1 else None)
+    started = time.perf_counter()
+    try:
+        Engine(strategies.Standard(_adam()), config(epochs=3)).fit(failing, train_data())
+        results["failure"] = None
+    except Exception as error:
+        results["failure"] = (type(error).__name__, str(error))
+    results["failure_seconds"] = time.perf_counter() - started
+    return results
+
+
+SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
+    "training": scenario_training,
+}
+
+
+# ------------------------------------------------------------------- spawn
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    out = Path(folder)
+    try:
+        result = SCENARIOS[scenario](rank, out)
+    except BaseException:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def spawn(scenario: str, folder: Path, world_size: int = 2) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(
+        _entry,
+        args=(scenario, world_size, free_port(), str(folder)),
+        nprocs=world_size,
+        start_method="spawn",
+        join=True,
+    )
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

@@ -1,0 +1,414 @@
+"""Distributed training on 2 CPU processes (gloo), and the pieces that make it correct.
+
+The 2-process checks share one spawn (``tests/distributed_worker.py``: torch takes seconds to
+start): every strategy, accumulation, the DataLoader path, gradients missing on one rank, files,
+resume and a failing rank. The single-process references run here, in the test process.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import strategies
+from engine import ConfigError, DataError, Engine, EngineConfig, OptimizerSpec, World
+from engine.data import batch_bounds, epoch_order, make_batches
+from engine.distributed import (
+    _buckets,
+    average_gradients,
+    broadcast_module,
+    sum_named_over_ranks,
+    sum_over_ranks,
+)
+from engine.distributed_session import launch_environment, process_group
+from engine.errors import CheckpointError, DistributedError
+from tests import distributed_worker as worker
+
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    folder = tmp_path_factory.mktemp("two-ranks")
+    return worker.spawn("training", folder), folder
+
+
+def _assert_bitwise(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    differing = [key for key in left if not torch.equal(left[key], right[key])]
+    assert not differing, f"ranks differ in {differing}"
+
+
+def _assert_close(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], **TOLERANCE, msg=key)
+
+
+def _without_seconds(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in history]
+
+
+# ------------------------------------------------------------ 2 processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(worker.STRATEGIES))
+def test_ranks_stay_identical_and_match_one_process_with_the_global_batch(
+    two_ranks: tuple[list[dict[str, Any]], Path], name: str
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    first, second = rank0["strategies"][name], rank1["strategies"][name]
+    # Ranks started from different weights: the engine broadcast rank 0's.
+    _assert_bitwise(first["params"], second["params"])
+    _assert_bitwise(first["optimizer"], second["optimizer"])
+    assert _without_seconds(first["history"]) == _without_seconds(second["history"])
+    alone = worker.train_strategy(name, rank_seed=0, batch_size=2 * worker.BATCH)
+    _assert_close(first["params"], alone["params"])
+    _assert_close(first["optimizer"], alone["optimizer"])
+    for ranks_epoch, alone_epoch in zip(first["history"], alone["history"]):
+        for key, value in alone_epoch.items():
+            if key != "seconds":
+                assert math.isclose(ranks_epoch[key], value, rel_tol=1e-4, abs_tol=1e-6), key
+
+
+@pytest.mark.slow
+def test_accumulation_under_two_ranks_matches_one_process(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    _assert_bitwise(rank0["accumulate"]["params"], rank1["accumulate"]["params"])
+    alone = worker.train_strategy(
+        "Standard", rank_seed=0, batch_size=2 * worker.BATCH, accumulate_steps=2
+    )
+    _assert_close(rank0["accumulate"]["params"], alone["params"])
+
+
+@pytest.mark.slow
+def test_every_sample_is_seen_once_per_epoch_across_ranks(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    for source in ("fast path", "loader path"):
+        if source == "fast path":
+            epochs0, epochs1 = (
+                rank0["strategies"]["Standard"]["samples"],
+                rank1["strategies"]["Standard"]["samples"],
+            )
+        else:
+            epochs0, epochs1 = rank0["loader_samples"], rank1["loader_samples"]
+        assert len(epochs0) == len(epochs1) == 2
+        orders = []
+        for epoch, (seen0, seen1) in enumerate(zip(epochs0, epochs1)):
+            assert not set(seen0) & set(seen1), f"{source}: ranks share samples"
+            assert sorted(seen0 + seen1) == list(range(worker.N_TRAIN)), source
+            # Global batch i is rank 0's share, then rank 1's: the order of one process.
+            order = epoch_order(worker.N_TRAIN, 0, epoch, shuffle=True).tolist()
+            merged = [
+                index
+                for step in range(len(seen0) // worker.BATCH)
+                for part in (seen0, seen1)
+                for index in part[step * worker.BATCH : (step + 1) * worker.BATCH]
+            ]
+            assert merged == order, source
+            orders.append(merged)
+        assert orders[0] != orders[1], "the shuffle must change per epoch"
+
+
+@pytest.mark.slow
+def test_evaluation_covers_every_sample_once_and_matches_one_process(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    for name in worker.STRATEGIES:
+        eval0 = rank0["strategies"][name]["eval_samples"]
+        eval1 = rank1["strategies"][name]["eval_samples"]
+        for seen0, seen1 in zip(eval0, eval1):
+            assert sorted(seen0 + seen1) == list(range(worker.N_EVAL))
+            assert len(seen0) + len(seen1) == worker.N_EVAL  # no padding duplicates
+    # The eval metric is the sample-weighted mean over all 9 samples (rank 1 saw only 4).
+    params = rank0["strategies"]["Standard"]["params"]
+    model = worker.Autoencoder()
+    model.load_state_dict(params)
+    engine = Engine(strategies.Standard(OptimizerSpec("Adam")), worker.config())
+    expected = engine.evaluate(model, worker.eval_data())["loss"]
+    got = rank0["strategies"]["Standard"]["history"][-1]["eval/loss"]
+    assert math.isclose(got, expected, rel_tol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_gradient_missing_on_one_rank_counts_as_zero_and_missing_everywhere_stays_none(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    _assert_bitwise(rank0["partly_used"], rank1["partly_used"])
+    # With weight decay and momentum, a zero-filled gradient would have moved `unused`.
+    assert torch.equal(rank0["partly_used"]["unused"], torch.ones(worker.FEATURES))
+    assert not torch.equal(rank0["partly_used"]["extra"], torch.ones(worker.FEATURES))
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_files(two_ranks: tuple[list[dict[str, Any]], Path]) -> None:
+    (rank0, rank1), folder = two_ranks
+    assert rank1["files"] == [] and rank1["run_dir"] is None
+    assert not (folder / "output-rank1").exists()
+    assert {"run/metrics.jsonl", "run/train.log"} <= set(rank0["files"])
+    assert any(name.startswith("run/checkpoints/") for name in rank0["files"])
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_with_a_clear_error(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    assert rank1["failure"] == ("ValueError", "deliberate failure at step 3")
+    kind, message = rank0["failure"]
+    assert kind == "DistributedError"
+    assert "rank 0 of 2" in message and "another rank" in message
+    # It did not wait for the 60 s timeout: the failed rank's exit reached it at once.
+    assert rank0["failure_seconds"] < 30
+
+
+@pytest.mark.slow
+def test_resume_of_a_two_process_checkpoint_in_two_processes_is_exact(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    _assert_bitwise(rank0["resumed"], rank1["resumed"])
+    _assert_bitwise(rank0["resumed"], rank0["resume_reference"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    raises=CheckpointError,
+    strict=True,
+    reason="engine/checkpoint_state.py _check_same_run refuses any change of world size; "
+    "it should allow one at an epoch boundary and compare batch_size * world_size",
+)
+def test_resume_of_a_two_process_checkpoint_in_one_process_with_the_global_batch(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, _), folder = two_ranks
+    resumed = worker.train_resumable(
+        0,
+        epochs=3,
+        folder=folder / "resume-copy",
+        resume=str(folder / "resume/run"),
+        batch_size=2 * worker.BATCH,
+    )
+    _assert_close(resumed, rank0["resume_reference"])
+
+
+# ---------------------------------------------------------- one process
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    batch_size=st.integers(1, 40),
+    world_size=st.integers(1, 8),
+    drop_last=st.booleans(),
+)
+def test_evaluation_shards_cover_each_sample_exactly_once(
+    n: int, batch_size: int, world_size: int, drop_last: bool
+) -> None:
+    seen: list[int] = []
+    for rank in range(world_size):
+        world = World(rank=rank, world_size=world_size)
+        batches = make_batches(
+            {"i": torch.arange(n)},
+            name="evaluation",
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            seed=0,
+            device=torch.device("cpu"),
+            world=world,
+            lockstep=False,
+        )
+        for batch in batches.epoch(0):
+            assert 0 < len(batch["i"]) <= batch_size
+            seen.extend(batch["i"].tolist())
+    assert sorted(seen) == list(range(n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    batch_size=st.integers(1, 40),
+    world_size=st.integers(1, 8),
+    drop_last=st.booleans(),
+    epoch=st.integers(0, 3),
+)
+def test_training_shards_are_disjoint_in_lockstep_or_refused_on_every_rank(
+    n: int, batch_size: int, world_size: int, drop_last: bool, epoch: int
+) -> None:
+    outcomes: list[Any] = []
+    for rank in range(world_size):
+        try:
+            batches = make_batches(
+                {"i": torch.arange(n)},
+                name="training",
+                batch_size=batch_size,
+                shuffle=True,
+                drop_last=drop_last,
+                seed=3,
+                device=torch.device("cpu"),
+                world=World(rank=rank, world_size=world_size),
+            )
+        except DataError as error:
+            outcomes.append(error)
+            continue
+        outcomes.append([batch["i"].tolist() for batch in batches.epoch(epoch)])
+    errors = [outcome for outcome in outcomes if isinstance(outcome, DataError)]
+    if errors:
+        assert len(errors) == world_size, "a refusal must come from every rank, not one"
+        assert all(str(world_size) in str(error) and str(n) in str(error) for error in errors)
+        return
+    assert len({len(outcome) for outcome in outcomes}) == 1, "ranks must run the same steps"
+    seen = [index for outcome in outcomes for batch in outcome for index in batch]
+    assert len(seen) == len(set(seen))
+    global_batch = batch_size * world_size
+    expected = n - n % global_batch if drop_last else n
+    assert len(seen) == expected
+    assert set(seen) <= set(range(n))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=20),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.float64, torch.float16]), min_size=20),
+    bucket_bytes=st.integers(4, 2000),
+)
+def test_gradient_buckets_partition_parameters_by_dtype_within_the_size_cap(
+    sizes: list[int], dtypes: list[torch.dtype], bucket_bytes: int
+) -> None:
+    tensors = [torch.zeros(size, dtype=dtype) for size, dtype in zip(sizes, dtypes)]
+    buckets = _buckets(tensors, bucket_bytes)
+    assert sorted(index for bucket in buckets for index in bucket) == list(range(len(sizes)))
+    for bucket in buckets:
+        assert len({tensors[i].dtype for i in bucket}) == 1
+        nbytes = sum(tensors[i].numel() * tensors[i].element_size() for i in bucket)
+        assert nbytes <= bucket_bytes or len(bucket) == 1
+
+
+def test_collectives_are_free_in_one_process() -> None:
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.ones_like(model.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    average_gradients(model.parameters(), World())
+    broadcast_module(model, World())
+    assert torch.equal(model.weight.grad, torch.ones_like(model.weight))
+    assert model.bias.grad is None
+    _assert_bitwise(before, model.state_dict())
+    values = torch.tensor([1.0, 2.0])
+    assert sum_over_ranks(values, World()) is values
+    assert sum_named_over_ranks({"a": torch.tensor(3.0)}, World()) == {"a": 3.0}
+
+
+@settings(max_examples=60, deadline=None)
+@given(world_size=st.integers(2, 64), data=st.data())
+def test_launch_environment_reads_torchrun_variables(world_size: int, data: Any) -> None:
+    rank = data.draw(st.integers(0, world_size - 1))
+    local_rank = data.draw(st.integers(0, 7))
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(local_rank),
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29500",
+    }
+    launch = launch_environment(env)
+    assert (launch.rank, launch.world_size, launch.local_rank) == (rank, world_size, local_rank)
+    assert launch.is_distributed
+    without_local = {key: value for key, value in env.items() if key != "LOCAL_RANK"}
+    assert launch_environment(without_local).local_rank == rank
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h"}, "MASTER_PORT"),
+        ({"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "got 2"),
+        ({"WORLD_SIZE": "two"}, "'two'"),
+        ({"WORLD_SIZE": "0"}, "got 0"),
+        (
+            {
+                "WORLD_SIZE": "2",
+                "RANK": "0",
+                "MASTER_ADDR": "h",
+                "MASTER_PORT": "1",
+                "LOCAL_RANK": "-1",
+            },
+            "got -1",
+        ),
+    ],
+)
+def test_incomplete_launch_environments_are_clear_errors(env: dict[str, str], named: str) -> None:
+    with pytest.raises(DistributedError, match=named):
+        launch_environment(env)
+
+
+def test_a_world_size_without_rendezvous_fails_before_writing_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    config = EngineConfig(epochs=1, batch_size=4, device="cpu", output_dir=tmp_path / "out")
+    model = worker.Autoencoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        Engine(strategies.Standard(OptimizerSpec("Adam")), config).fit(model, worker.train_data())
+    assert not (tmp_path / "out").exists()
+    _assert_bitwise(before, model.state_dict())
+
+
+def test_one_process_without_a_launcher_is_a_world_of_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with process_group("cpu", 10.0) as world:
+        assert world == World()
+
+
+@pytest.mark.parametrize("value", [0, -1.5, "10", True, None])
+def test_distributed_timeout_must_be_a_positive_number(value: Any) -> None:
+    with pytest.raises(ConfigError, match=rf"distributed_timeout_s .*{value!r}"):
+        EngineConfig(distributed_timeout_s=value)
+
+
+def test_a_ready_dataloader_must_shard_itself_under_several_processes() -> None:
+    dataset = TensorDataset(torch.arange(10.0))
+    world = World(rank=1, world_size=2)
+    common: dict[str, Any] = {
+        "name": "training",
+        "batch_size": 2,
+        "shuffle": True,
+        "drop_last": False,
+        "seed": 0,
+        "device": torch.device("cpu"),
+        "world": world,
+    }
+    with pytest.raises(DataError, match=r"2 processes .*SequentialSampler.*DistributedSampler"):
+        make_batches(DataLoader(dataset, batch_size=2), **common)
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
+    batches = make_batches(DataLoader(dataset, batch_size=2, sampler=sampler), **common)
+    seen = [value for batch in batches.epoch(0) for value in batch[0].tolist()]
+    assert seen == [1.0, 3.0, 5.0, 7.0, 9.0]
+
+
+def test_batch_bounds_give_rank_shares_of_each_global_batch() -> None:
+    bounds = [batch_bounds(9, 4, False, World(rank=r, world_size=2)) for r in range(2)]
+    assert bounds == [[(0, 4), (8, 9)], [(4, 8), (9, 9)]]
