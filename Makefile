@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Users who want a CUDA build override this, e.g. `make TORCH_SPEC=torch demo`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,examples,plots,tensorboard,mlflow,wandb
+EXTRAS ?= dev,examples,plots,tensorboard,mlflow,wandb,compat
 
 .PHONY: demo test lint typecheck bench clean
 
