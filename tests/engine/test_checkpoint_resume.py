@@ -71,7 +71,7 @@ def _fit(engine: Engine, model: torch.nn.Module, train: Any, resume: str | None)
 
 
 @pytest.mark.slow
-@settings(max_examples=24, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     kind=st.sampled_from(KINDS),
     samples=st.integers(3, 13),
