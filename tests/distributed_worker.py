@@ -305,8 +305,16 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
     return results
 
 
+def scenario_torchrun(rank: int, folder: Path) -> dict[str, Any]:
+    """Under the real launcher: two fits in one process (the second reuses the group)."""
+    first = train_resumable(rank, epochs=1)
+    second = train_resumable(rank, epochs=1)
+    return {"first": first, "second": second, "rank": rank}
+
+
 SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "training": scenario_training,
+    "torchrun": scenario_torchrun,
 }
 
 
@@ -348,3 +356,12 @@ def spawn(scenario: str, folder: Path, world_size: int = 2) -> list[dict[str, An
         join=True,
     )
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... -m <this> NAME DIR
+    import sys
+
+    torch.set_num_threads(1)
+    name, where = sys.argv[1], Path(sys.argv[2])
+    own_rank = int(os.environ["RANK"])
+    torch.save(SCENARIOS[name](own_rank, where), where / f"rank{own_rank}.pt")

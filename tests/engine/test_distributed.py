@@ -8,6 +8,8 @@ resume and a failing rank. The single-process references run here, in the test p
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +206,29 @@ def test_resume_of_a_two_process_checkpoint_in_one_process_with_the_global_batch
         batch_size=2 * worker.BATCH,
     )
     _assert_close(resumed, rank0["resume_reference"])
+
+
+@pytest.mark.slow
+def test_torchrun_launch_joins_the_group_and_a_second_fit_works(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={worker.free_port()}",
+        "-m",
+        "tests.distributed_worker",
+        "torchrun",
+        str(tmp_path),
+    ]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (rank0["rank"], rank1["rank"]) == (0, 1)
+    _assert_bitwise(rank0["first"], rank1["first"])
+    _assert_bitwise(rank0["second"], rank0["first"])  # the same seed: the same run again
+    _assert_bitwise(rank1["second"], rank1["first"])
 
 
 # ---------------------------------------------------------- one process
