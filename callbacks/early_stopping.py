@@ -73,7 +73,7 @@ class EarlyStopping:
         if self.observe(float(metrics[monitor])):
             self.stopped_epoch = run.progress.epoch - 1
             run.log.info(
-                f"early stopping: {monitor} did not improve on {self.best:.6g} for "
+                f"early stopping: {monitor} did not improve on {self.best!r} for "
                 f"{self.bad_epochs} epoch(s)"
             )
             run.engine.stop()

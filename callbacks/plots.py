@@ -193,6 +193,7 @@ class Plots:
     dpi: int = attrs.field(default=100, validator=_positive_int)
     folder: str = "plots"
     priority: int = 0
+    _drawn_epoch: int = attrs.field(default=-1, init=False)
 
     def __attrs_post_init__(self) -> None:
         require_extra("matplotlib", "plots", "Plots")
@@ -200,9 +201,16 @@ class Plots:
             _inputs_of(self.image_batch)
 
     def on_epoch_end(self, run: RunState) -> None:
+        if run.progress.epoch % self.every == 0:
+            self._draw(run)
+
+    def on_fit_end(self, run: RunState) -> None:
+        """Draw the final state too, when the last epoch was not an ``every``-th one."""
+        if run.history and self._drawn_epoch != run.progress.epoch:
+            self._draw(run)
+
+    def _draw(self, run: RunState) -> None:
         if not run.is_main_process or run.run_dir is None:
-            return
-        if run.progress.epoch % self.every != 0:
             return
         folder = run.run_dir / self.folder
         folder.mkdir(exist_ok=True)
@@ -219,4 +227,5 @@ class Plots:
         if self.image_batch is not None:
             images = autoencoder_images(run, self.image_batch, self.num_samples)
             save_image_grid(folder / "images.png", images, self.columns, self.figsize, self.dpi)
+        self._drawn_epoch = run.progress.epoch
         run.paths["plots"] = folder

@@ -37,6 +37,7 @@ from engine.config_file import (
 )
 from engine.errors import CheckpointError, ConfigError, DataError
 from engine.loop import Engine
+from engine.seeding import seed_everything
 from engine.state import FitResult, RunState
 
 CONFIG_FILENAME = "config.toml"
@@ -101,32 +102,26 @@ def build_strategy(config: RunConfig) -> Any:
 
 def _role_arguments(cls: Any, spec: Any) -> dict[str, Any]:
     """Optimiser and scheduler specs as the strategy's constructor takes them: a single-role
-    strategy takes ``optimizer``/``scheduler`` (role ``model``); a multi-role one takes
-    ``<role>_optimizer``/``<role>_scheduler``."""
+    strategy (``Standard``) takes ``optimizer``/``scheduler`` for role ``model``; a multi-role
+    one takes ``<role>`` (the optimiser) and ``<role>_scheduler`` for each of its roles."""
     import inspect
 
     accepted = set(inspect.signature(cls).parameters)
     roles = sorted(spec.optimizers)
     if "optimizer" in accepted:
-        if roles != ["model"]:
-            raise ConfigError(
-                f"strategy {spec.name!r} has one role, 'model': expected "
-                f"[strategy.optimizers.model], got roles {roles}"
-            )
-        arguments = {"optimizer": spec.optimizers["model"]}
+        expected = ["model"]
+        arguments = {"optimizer": spec.optimizers.get("model")}
         if "model" in spec.schedulers:
             arguments["scheduler"] = spec.schedulers["model"]
-        return arguments
-    expected = sorted(
-        name[: -len("_optimizer")] for name in accepted if name.endswith("_optimizer")
-    )
-    unknown = sorted(set(roles) - set(expected))
-    if unknown or not expected:
+    else:
+        expected = sorted(name for name in accepted if f"{name}_scheduler" in accepted)
+        arguments = {role: spec.optimizers.get(role) for role in expected}
+        arguments.update({f"{role}_scheduler": value for role, value in spec.schedulers.items()})
+    if roles != expected:
         raise ConfigError(
-            f"strategy {spec.name!r} has no role(s) {unknown or roles}; its roles are {expected}"
+            f"strategy {spec.name!r} has the role(s) {expected}: give one "
+            f"[strategy.optimizers.ROLE] table for each; got {roles}"
         )
-    arguments = {f"{role}_optimizer": spec.optimizers[role] for role in roles}
-    arguments.update({f"{role}_scheduler": sched for role, sched in spec.schedulers.items()})
     return arguments
 
 
@@ -151,10 +146,7 @@ def build_callbacks(config: RunConfig, image_batch: Any, defaults: Sequence[str]
         extra = {}
         if image_batch is not None and "image_batch" not in ref.args and _takes(cls, "image_batch"):
             extra["image_batch"] = image_batch
-        try:
-            built.append(call_factory(ref, cls, **extra))
-        except ImportError as error:
-            raise ConfigError(f"[{ref.key}] {ref.target}: {error}") from None
+        built.append(call_factory(ref, cls, **extra))
     return built
 
 
@@ -187,7 +179,9 @@ def first_samples(data: Any, count: int) -> Any:
 
 def build(config: RunConfig, *, with_callbacks: bool = True) -> Built:
     """Model, data, strategy and callbacks of a checked config; any problem is a
-    ``ConfigError`` raised here, before training."""
+    ``ConfigError`` raised here, before training. The RNGs are seeded with ``engine.seed``
+    first, so the model's initial weights (and random data) repeat with the config."""
+    seed_everything(config.engine.seed)
     model = call_factory(config.model, import_object("model.factory", config.model.target))
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(
@@ -286,11 +280,11 @@ def predict(
 ) -> Path:
     """The model's per-sample outputs on the config's ``split`` data, saved with
     ``torch.save`` to ``output`` (default ``RUN_DIR/predictions.pt``)."""
-    config, built = _trained(target, overrides, weights)
     if output is None:
         if not Path(target).is_dir():
             raise ConfigError("predict needs --output FILE when given a config file")
         output = Path(target) / "predictions.pt"
+    config, built = _trained(target, overrides, weights)
     outputs = Engine(built.strategy, config.engine).predict(built.model, _split(built, split))
     output = Path(output)
     torch.save(outputs, output)
@@ -400,6 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(args)
     except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return USAGE_ERROR
     return 0

@@ -71,6 +71,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_toml(text: str) -> dict[str, Any]:
+    """Parse TOML text (``tomllib``, or ``tomli`` on Python 3.10)."""
+    return tomllib.loads(text)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"engine.epochs=5"`` as (``["engine", "epochs"]``, ``5``). The value is read as a TOML
     value (``5``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``); anything else is taken as a string."""
@@ -95,26 +100,23 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     for text in overrides:
         parts, value = parse_override(text)
         node: Any = result
-        for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, parts[: depth + 1], text)
-        last = parts[-1]
-        if isinstance(node, list):
-            node[_index(node, last, text)] = value
-        else:
-            node[last] = value
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                index = _index(node, part, text)
+                if last:
+                    node[index] = value
+                node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[:depth])!r} is a "
+                    f"{type(node).__name__}, not a table"
+                )
     return result
-
-
-def _child(node: Any, part: str, path: list[str], text: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, part, text)]
-    if not isinstance(node, dict):
-        raise ConfigError(
-            f"override {text!r}: {'.'.join(path[:-1])!r} is a {type(node).__name__}, not a table"
-        )
-    if part not in node:
-        node[part] = {}
-    return node[part]
 
 
 def _index(node: list[Any], part: str, text: str) -> int:
@@ -275,17 +277,18 @@ def check_arguments(key: str, target: Callable[..., Any], args: Mapping[str, Any
 
 
 def call_factory(ref: FactoryRef, target: Callable[..., Any], **extra: Any) -> Any:
-    """``target(**ref.args, **extra)``; a value error raised while building is a
-    ``ConfigError`` naming the config key, so a bad argument value stops the run up front."""
+    """``target(**ref.args, **extra)``; any error raised while building is a ``ConfigError``
+    naming the config key and the arguments (the original is its ``__cause__``), so a bad
+    argument value stops the run up front."""
     try:
         return target(**ref.args, **extra)
     except ConfigError as error:
         raise ConfigError(f"[{ref.key}] {ref.target}: {error}") from None
-    except (TypeError, ValueError, KeyError) as error:
+    except Exception as error:  # whatever a factory raises on these arguments is a config error
         raise ConfigError(
             f"[{ref.key}] {ref.target}({_arguments_text(ref.args)}) failed: "
             f"{type(error).__name__}: {error}"
-        ) from None
+        ) from error
 
 
 def _arguments_text(args: Mapping[str, Any]) -> str:
