@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
     data = workload.data(int(argv[4]) if len(argv) > 4 else None)
     torch.set_num_threads(1)
     device = device_from(device_name)
-    runners = workload.runners(data, int(batch_size), device, available())
+    peers = [peer for peer in available() if peer in runner_name.lower()]  # only the one named
+    runners = workload.runners(data, int(batch_size), device, peers)
     chosen = {runner.name: runner for runner in runners}
     if runner_name not in chosen:
         raise SystemExit(f"unknown runner {runner_name!r}; choose from {sorted(chosen)}")

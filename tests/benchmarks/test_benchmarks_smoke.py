@@ -1,0 +1,106 @@
+"""Every benchmark runs in its tiny mode and reports what it measured.
+
+These check that the scripts work (a benchmark that crashes when someone finally runs it is
+worthless), not how fast anything is: speed is never asserted in a test.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import coldstart, dataset_size, memory, overhead, suite
+from benchmarks.harness import Runner, interleave, markdown_table
+from benchmarks.peers import available
+from benchmarks.workloads import WORKLOADS
+
+REPO = Path(__file__).resolve().parents[2]
+ROW = re.compile(r"^\| (?P<name>[^|]+) \| (?P<batch>\d+) \| (?P<median>[\d.]+) \|", re.M)
+
+
+def _rows(text: str) -> dict[str, float]:
+    return {m["name"].strip(): float(m["median"]) for m in ROW.finditer(text)}
+
+
+def test_suite_speed_part_times_every_trainer_of_every_workload(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    report = tmp_path / "report.md"
+    suite.main(["--tiny", "--parts", "speed", "--no-peers", "--output", str(report)])
+    text = report.read_text()
+    rows = _rows(text)
+    for name in WORKLOADS:
+        assert f"**{name} (" in text
+    for strategy in ("Standard (fused Adam)", "Adversarial", "Coupled", "CoupledAdversarial"):
+        assert f"engine + {strategy}" in rows
+    assert "floor: sliced loop, fused Adam" in rows
+    assert "floor: sliced loop, isolated grads" in rows
+    assert all(value > 0 for value in rows.values()), rows
+
+
+def test_interleave_rotates_the_order_and_keeps_every_repeat() -> None:
+    calls: list[str] = []
+
+    def runner(name: str) -> Runner:
+        def prepare() -> object:
+            def epoch() -> int:
+                calls.append(name)
+                return 2
+
+            return epoch
+
+        return Runner(name, prepare)  # type: ignore[arg-type]
+
+    timings = interleave([runner("a"), runner("b"), runner("c")], 8, 3, torch.device("cpu"))
+    assert calls == list("abcbcacababc")  # the warm-up round is run, not kept
+    assert [len(t.ms_per_step) for t in timings] == [3, 3, 3]
+    table = markdown_table("t", timings, "a")
+    assert "| a | 8 |" in table and "1.000" in table
+
+
+def test_overhead_script_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    assert overhead.main(["--tiny"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert {"floor: sliced loop, fused Adam", "engine + Standard (fused Adam)"} <= set(rows)
+    assert "engine / floor (same fused Adam):" in out
+
+
+def test_coldstart_scripts_run_and_report() -> None:
+    """The child scripts are valid and train (run here in-process; the benchmark spawns them)."""
+    for source in (coldstart.HAND_WRITTEN, coldstart.ENGINE):
+        exec(compile(source, "<coldstart child>", "exec"), {})
+    text = coldstart.report({"hand-written": [1.0, 1.2], "engine": [1.1, 1.3]})
+    assert "engine - hand-written: +0.100 s" in text
+
+
+def test_memory_child_prints_its_peak_rss(capsys: pytest.CaptureFixture[str]) -> None:
+    assert memory.main(["mlp_vae_1x4x4", "engine + Standard (fused Adam)", "64", "cpu", "256"]) == 0
+    assert float(capsys.readouterr().out.strip()) > 0
+
+
+def test_memory_child_names_the_runners_when_one_is_unknown() -> None:
+    with pytest.raises(SystemExit, match="unknown runner 'nope'; choose from"):
+        memory.main(["mlp_vae_1x4x4", "nope", "64", "cpu", "256"])
+
+
+def test_dataset_size_child_times_both_data_paths() -> None:
+    rows = []
+    for path in dataset_size.PATHS:
+        seconds, peak = dataset_size.run_child(path, 512, 128)
+        assert seconds > 0 and peak > 0
+        rows.append((path, 512, seconds, peak))
+    assert "map-style Dataset (DataLoader)" in dataset_size.report(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not available(), reason="no peer trainer (pythae, Ignite, Lightning) here")
+def test_peers_run_on_the_standard_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    workload = WORKLOADS["mlp_vae_1x4x4"]
+    runners = workload.runners(workload.data(256), 64, torch.device("cpu"), available())
+    timings = interleave(runners, 64, 1, torch.device("cpu"), warmup=0)
+    names = {t.name.split()[0] for t in timings}
+    assert {peer.capitalize() for peer in available()} <= {n.capitalize() for n in names}
