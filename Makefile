@@ -26,8 +26,10 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The suite measures pythae, Ignite and Lightning only where they are installed (not by default).
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
+	mkdir -p runs && $(PY) benchmarks/suite.py --output runs/bench-report.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .hypothesis
