@@ -21,7 +21,7 @@ Only the main process writes. Files: see ``engine/checkpoint.py``; plain weights
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from engine.checkpoint import (
 )
 from engine.checkpoint_export import export_config, export_weights
 from engine.checkpoint_state import capture
+from engine.checkpoint_writer import BackgroundWriter, snapshot
 from engine.errors import ConfigError, NonFiniteLossError
 from engine.events import CHECKPOINT_PRIORITY
 from engine.state import RunState
@@ -104,6 +105,8 @@ class Checkpointing:
     (``save_on_exception``). ``export`` writes ``model_final.pt`` at the end and
     ``model_best.pt`` at each new best, as plain ``state_dict`` files. ``durable=False`` skips
     the fsyncs: a checkpoint still survives the process being killed, not a power cut.
+    ``background`` writes the files in a background thread from a snapshot taken at the save
+    point (see ``engine/checkpoint_writer.py``); saves at the end and on a crash are waited for.
     """
 
     every_n_epochs: int | None = attrs.field(default=1, validator=_optional_positive)
@@ -117,6 +120,7 @@ class Checkpointing:
     export: bool = attrs.field(default=True, validator=_bool)
     directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=_dirname)
     durable: bool = attrs.field(default=True, validator=_bool)
+    background: bool = attrs.field(default=True, validator=_bool)
     priority: int = CHECKPOINT_PRIORITY
     best_value: float | None = attrs.field(default=None, init=False)
     _folder: Path | None = attrs.field(default=None, init=False)
@@ -126,6 +130,7 @@ class Checkpointing:
     _epoch_closing: bool = attrs.field(default=False, init=False)
     _saved: tuple[int, int, int] | None = attrs.field(default=None, init=False)
     _saved_model: Path | None = attrs.field(default=None, init=False)
+    _writer: BackgroundWriter = attrs.field(factory=BackgroundWriter, init=False)
 
     # ---------------------------------------------------------------- events
 
@@ -168,13 +173,16 @@ class Checkpointing:
             self._epoch_due = _EpochSave(periodic, value, new_best)
 
     def on_fit_end(self, run: RunState) -> None:
-        self._save_due_epoch(run)
-        if self.save_last and _position(run) != self._saved:
-            reason = self._inconsistency(run)
-            if reason is None:
-                self._save(run, [LAST], None)
-            else:
-                run.log.warning(f"no final checkpoint: {reason}")
+        try:
+            self._save_due_epoch(run)
+            if self.save_last and _position(run) != self._saved:
+                reason = self._inconsistency(run)
+                if reason is None:
+                    self._save(run, [LAST], None)
+                else:
+                    run.log.warning(f"no final checkpoint: {reason}")
+        finally:
+            self._writer.close()
         if self._folder is not None and self.export:
             state = run.model.state_dict()
             source = self._saved_model if _position(run) == self._saved else None
@@ -184,6 +192,10 @@ class Checkpointing:
             self._export_config(run)
 
     def on_exception(self, run: RunState) -> None:
+        try:
+            self._writer.close()
+        except Exception as error:  # never hide the run's own error behind ours
+            run.log.error(f"a checkpoint write failed: {type(error).__name__}: {error}")
         if self._folder is None or not self.save_on_exception:
             return
         if isinstance(run.exception, NonFiniteLossError):
@@ -203,6 +215,7 @@ class Checkpointing:
             self._save_due_epoch(run)
             if self.save_last and _position(run) != self._saved:
                 self._save(run, [LAST], None)
+            self._writer.close()
         except Exception as error:  # never hide the run's own error behind ours
             run.log.error(f"checkpoint on exception failed: {type(error).__name__}: {error}")
 
@@ -223,20 +236,21 @@ class Checkpointing:
             return
         epoch = run.progress.epoch
         names = self._periodic_names(f"epoch-{epoch:04d}") if due.periodic else []
-        best_name = f"{BEST_PREFIX}epoch-{epoch:04d}"
-        if due.value is not None and self._qualifies(run, due.value):
-            names.append(best_name)
+        if due.value is not None and self.best_k > 0:
+            self._writer.wait()  # the best folders on disk are complete before they are ranked
+            if self._qualifies(run, due.value):
+                names.append(f"{BEST_PREFIX}epoch-{epoch:04d}")
         if names and self.save_last and LAST not in names:
             names.insert(0, LAST)
+        export_best = due.new_best and self.export
         if names:
-            self._save(run, names, due.value)
-        if due.new_best and self.export:
-            source = self._folder / best_name / MODEL_FILE if best_name in names else None
-            if source is None and _position(run) == self._saved:
-                source = self._saved_model
-            run.paths["model_best"] = export_weights(
-                self._folder.parent / "model_best.pt", run.model.state_dict(), source
-            )
+            self._save(run, names, due.value, export_best)
+        elif export_best:
+            state = snapshot(run.model.state_dict())
+            target = self._folder.parent / "model_best.pt"
+            self._run_job(lambda: export_weights(target, state, None))
+        if export_best:
+            run.paths["model_best"] = self._folder.parent / "model_best.pt"
             self._export_config(run)
 
     def _periodic_names(self, name: str) -> list[str]:
@@ -245,8 +259,11 @@ class Checkpointing:
             names.append(name)
         return names
 
-    def _save(self, run: RunState, names: list[str], value: float | None) -> None:
-        if self._folder is None or not names:
+    def _save(
+        self, run: RunState, names: list[str], value: float | None, export_best: bool = False
+    ) -> None:
+        folder = self._folder
+        if folder is None or not names:
             return
         model_state, training, meta = capture(run, run.engine.callbacks, value)
         if run.config.nonfinite == "raise" and not _pending_finite(training):
@@ -255,50 +272,63 @@ class Checkpointing:
                 "interval is not finite"
             )
             return
-        paths = write_checkpoint(self._folder, names, model_state, training, meta, self.durable)
-        self._saved = _position(run)
-        self._saved_model = paths[0] / MODEL_FILE
-        run.paths["checkpoint"] = paths[0]
-        self._prune_periodic(names)
-        self._prune_best(run)
+        if self.background:  # training changes these tensors in place from the next step on
+            model_state, training = snapshot(model_state), snapshot(training)
+        mode, durable = self._mode(run), self.durable
 
-    def _prune_periodic(self, names: list[str]) -> None:
-        assert self._folder is not None
+        def write() -> None:
+            paths = write_checkpoint(folder, names, model_state, training, meta, durable)
+            if export_best:
+                export_weights(folder.parent / "model_best.pt", None, paths[0] / MODEL_FILE)
+            self._prune_periodic(folder, names)
+            self._prune_best(folder, mode)
+
+        self._run_job(write)
+        self._saved = _position(run)
+        self._saved_model = folder / names[0] / MODEL_FILE
+        run.paths["checkpoint"] = folder / names[0]
+
+    def _run_job(self, job: Callable[[], Any]) -> None:
+        if self.background:
+            self._writer.submit(job)
+        else:
+            job()
+
+    def _prune_periodic(self, folder: Path, names: list[str]) -> None:
         if self.keep_periodic is None:
             return
         periodic = [
             (int(meta.get("saved_at_ns", 0)), path)
-            for path, meta in complete_checkpoints(self._folder)
+            for path, meta in complete_checkpoints(folder)
             if path.name.startswith(("epoch-", "step-"))
         ]
         periodic.sort(key=lambda item: (item[0], item[1].name in names))
         for _, path in periodic[: max(0, len(periodic) - self.keep_periodic)]:
             remove_checkpoint(path)
 
-    def _best_entries(self) -> list[tuple[float, Path]]:
-        assert self._folder is not None
+    def _best_entries(self, folder: Path) -> list[tuple[float, Path]]:
         entries = []
-        for path, meta in complete_checkpoints(self._folder):
+        for path, meta in complete_checkpoints(folder):
             value = (meta.get("monitor") or {}).get("value")
             if path.name.startswith(BEST_PREFIX) and isinstance(value, (int, float)):
                 entries.append((float(value), path))
         return entries
 
     def _qualifies(self, run: RunState, value: float) -> bool:
-        if self.best_k == 0:
+        if self.best_k == 0 or self._folder is None:
             return False
-        entries = self._best_entries()
+        entries = self._best_entries(self._folder)
         if len(entries) < self.best_k:
             return True
         mode = self._mode(run)
         worst = max(entries, key=lambda e: e[0]) if mode == "min" else min(entries)
         return _better(value, worst[0], mode)
 
-    def _prune_best(self, run: RunState) -> None:
-        entries = self._best_entries()
+    def _prune_best(self, folder: Path, mode: str) -> None:
+        entries = self._best_entries(folder)
         if len(entries) <= self.best_k:
             return
-        reverse = self._mode(run) == "max"
+        reverse = mode == "max"
         # Best first; among equal values the older checkpoint (smaller name) stays.
         entries.sort(key=lambda e: (-e[0] if reverse else e[0], e[1].name))
         for _, path in entries[self.best_k :]:

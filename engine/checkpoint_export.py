@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,25 @@ def model_config(model: torch.nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def export_weights(path: Path, state: Mapping[str, torch.Tensor], source: Path | None) -> Path:
-    """Write ``state`` (CPU tensors) to ``path`` atomically; when ``source`` is a file already
-    holding exactly this state (a checkpoint's ``model.pt``), hard-link it instead."""
-    if source is not None and source.is_file():
+def export_weights(
+    path: Path, state: Mapping[str, torch.Tensor] | None, source: Path | None = None
+) -> Path:
+    """Write ``state`` (as CPU tensors) to ``path`` atomically; or, given ``source``, a file that
+    already holds exactly that state (a checkpoint's ``model.pt``), hard-link it (copy it where
+    links are not supported) instead."""
+    if source is not None:
         temporary = path.with_name(f".{path.name}.link-{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         try:
             os.link(source, temporary)
         except OSError:
-            pass
-        else:
-            os.replace(temporary, path)
-            fsync_dir(path.parent)
-            return path
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, path)
+        fsync_dir(path.parent)
+        return path
+    if state is None:
+        raise ValueError(f"export_weights({str(path)!r}) needs a state or a source file")
     save_torch_file(path, {key: value.detach().cpu() for key, value in state.items()})
     return path
 
