@@ -22,7 +22,13 @@ from engine.config import EngineConfig
 from engine.context import ForwardFn, StepContext, call_model
 from engine.data import Batches, known_length, make_batches
 from engine.device import resolve_device
-from engine.distributed import World, broadcast_module, current_world, sum_named_over_ranks
+from engine.distributed import (
+    World,
+    broadcast_buffers,
+    broadcast_module,
+    current_world,
+    sum_named_over_ranks,
+)
 from engine.distributed_session import process_group
 from engine.errors import ConfigError, StrategyError
 from engine.events import Event, EventBus, Handler, Subscription
@@ -255,6 +261,7 @@ class Engine:
     def _evaluate(
         self, model: torch.nn.Module, batches: Batches, ctx: StepContext
     ) -> dict[str, float]:
+        broadcast_buffers(model, ctx.world)  # every rank evaluates rank 0's model
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
@@ -276,10 +283,11 @@ class Engine:
 
     def predict(self, model: torch.nn.Module, data: Any) -> dict[str, torch.Tensor]:
         """The model's per-sample outputs over ``data`` (e.g. ``recon_x``, ``z``), concatenated
-        per key on the CPU; scalar outputs (losses) are left out."""
-        device, world, ctx = self._standalone(model)
+        per key on the CPU; scalar outputs (losses) are left out. Under several processes every
+        rank predicts all of ``data``."""
+        device, _, ctx = self._standalone(model)
         batches = self._batches(
-            data, "prediction", self.config.effective_eval_batch_size, False, False, device, world
+            data, "prediction", self.config.effective_eval_batch_size, False, False, device, World()
         )
         was_training = model.training
         model.eval()

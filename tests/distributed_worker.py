@@ -98,6 +98,18 @@ class PartlyUsed(Recorder):
         return {"loss": (y - x.flip(1)).pow(2).mean()}
 
 
+class Normed(nn.Module):
+    """A BatchNorm model: each rank's running statistics follow its own batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES))
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"]
+        return {"loss": (self.body(x) - x.flip(1)).pow(2).mean()}
+
+
 class FailsAtStep(Recorder):
     """Raises in its forward at training step ``fail_at`` (counted from 0) when armed."""
 
@@ -274,6 +286,15 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
     sgd = OptimizerSpec("SGD", lr=0.1, momentum=0.9, weight_decay=0.1)
     Engine(strategies.Standard(sgd), config(epochs=1)).fit(partly, train_data())
     results["partly_used"] = {k: v.detach().clone() for k, v in partly.state_dict().items()}
+
+    # Evaluate one sample (rank 1 has no batch at all) with BatchNorm statistics that differ.
+    normed = Normed()
+    Engine(strategies.Standard(_adam()), config(epochs=1)).fit(normed, train_data())
+    one = {key: value[:1] for key, value in eval_data().items()}
+    results["one_sample_eval"] = Engine(strategies.Standard(_adam()), config()).evaluate(
+        normed, one
+    )
+    results["normed"] = {k: v.detach().clone() for k, v in normed.state_dict().items()}
 
     output = folder / f"output-rank{rank}"
     files_config = config(epochs=1, output_dir=output, run_name="run")

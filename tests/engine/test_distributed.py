@@ -146,6 +146,22 @@ def test_evaluation_covers_every_sample_once_and_matches_one_process(
 
 
 @pytest.mark.slow
+def test_evaluation_with_no_batch_on_a_rank_uses_rank_zero_buffers(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    _assert_bitwise(rank0["normed"], rank1["normed"])  # BatchNorm statistics broadcast
+    assert rank0["one_sample_eval"] == rank1["one_sample_eval"]
+    model = worker.Normed()
+    model.load_state_dict(rank0["normed"])
+    engine = Engine(strategies.Standard(OptimizerSpec("Adam")), worker.config())
+    one = {key: value[:1] for key, value in worker.eval_data().items()}
+    expected = engine.evaluate(model, one)
+    assert rank0["one_sample_eval"].keys() == expected.keys()
+    assert math.isclose(rank0["one_sample_eval"]["loss"], expected["loss"], rel_tol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_gradient_missing_on_one_rank_counts_as_zero_and_missing_everywhere_stays_none(
     two_ranks: tuple[list[dict[str, Any]], Path],
 ) -> None:
