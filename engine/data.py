@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from engine.distributed import World
 from engine.errors import DataError
+from engine.prefetch import fits_on_device, pin, prefetch_to_device
 
 # Above this many bytes, batches are gathered one by one instead of from a shuffled copy.
 _SHUFFLED_COPY_LIMIT = 512 * 2**20
@@ -56,23 +57,20 @@ def batch_bounds(n: int, batch_size: int, drop_last: bool, world: World) -> list
     return bounds
 
 
-def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """Tensors inside dicts, lists and tuples moved to ``device``; anything else unchanged."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device, non_blocking) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(value, device, non_blocking) for value in batch)
-    return batch
-
-
 def _leaves(data: Any) -> list[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         return [data]
     if isinstance(data, Mapping):
         return list(data.values())
     return list(data)
+
+
+def _gather(leaf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``leaf[index]``, in pinned memory when ``leaf`` is pinned (so its copy can overlap)."""
+    if not leaf.is_pinned():
+        return leaf.index_select(0, index)
+    out = torch.empty((len(index), *leaf.shape[1:]), dtype=leaf.dtype, pin_memory=True)
+    return torch.index_select(leaf, 0, index, out=out)
 
 
 def _rebuild(template: Any, leaves: Sequence[torch.Tensor]) -> Any:
@@ -117,23 +115,31 @@ class TensorBatches:
     seed: int
     world: World
     bounds: list[tuple[int, int]]
+    device: torch.device | None = None
 
     def __len__(self) -> int:
         return len(self.bounds)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        """Batches on ``device``: sliced there, or sliced on the host and prefetched."""
+        batches = self._slices(epoch, start)
+        if self.device is None or self.leaves[0].device == self.device:
+            return batches
+        return prefetch_to_device(batches, self.device)
+
+    def _slices(self, epoch: int, start: int) -> Iterator[Any]:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         nbytes = sum(leaf.numel() * leaf.element_size() for leaf in self.leaves)
         if not self.shuffle:
             source = self.leaves
         elif nbytes <= _SHUFFLED_COPY_LIMIT:
             order = order.to(self.leaves[0].device)
-            source = [leaf.index_select(0, order) for leaf in self.leaves]
+            source = [_gather(leaf, order) for leaf in self.leaves]
         else:
             order = order.to(self.leaves[0].device)
             for lo, hi in self.bounds[start:]:
                 index = order[lo:hi]
-                yield _rebuild(self.template, [leaf.index_select(0, index) for leaf in self.leaves])
+                yield _rebuild(self.template, [_gather(leaf, index) for leaf in self.leaves])
             return
         for lo, hi in self.bounds[start:]:
             yield _rebuild(self.template, [leaf[lo:hi] for leaf in source])
@@ -187,10 +193,8 @@ class LoaderBatches:
                 if callable(set_epoch):
                     set_epoch(epoch)
             skip = start
-        non_blocking = self.device.type == "cuda"
-        for index, batch in enumerate(self.loader):
-            if index >= skip:
-                yield move_to_device(batch, self.device, non_blocking)
+        batches = (batch for index, batch in enumerate(self.loader) if index >= skip)
+        yield from prefetch_to_device(batches, self.device)
 
 
 Batches = TensorBatches | LoaderBatches
@@ -235,9 +239,13 @@ def make_batches(
         n = _check_tensors(data, name)
         bounds = _bounds_or_error(n, batch_size, drop_last, world, name, lockstep)
         leaves = _leaves(data)
-        if on_device:
+        if on_device and fits_on_device(leaves, device):
             leaves = [leaf.to(device) for leaf in leaves]
-        return TensorBatches(data, leaves, n, batch_size, shuffle, drop_last, seed, world, bounds)
+        else:
+            leaves = pin(leaves, device)
+        return TensorBatches(
+            data, leaves, n, batch_size, shuffle, drop_last, seed, world, bounds, device
+        )
     if isinstance(data, IterableDataset):
         loader = DataLoader(
             data,
