@@ -2,10 +2,12 @@
 
 The reference VAE (examples/models.py, 1x8x8 digits, hidden 128, latent 8) trains with
 ``Checkpointing(every_n_steps=N)``. Two probe handlers, subscribed just before and just after
-``CHECKPOINT_PRIORITY`` at BATCH_END, time how long each save stalls training. In the same
-folder, interleaved with the run, the baseline is "the write itself": one ``torch.save`` of the
-same model and optimiser state into a file, fsynced and renamed. The table gives the median
-milliseconds of both, their ratio, and the bytes on disk. Run from the repository root::
+``CHECKPOINT_PRIORITY`` at BATCH_END, time how long each save stalls training. The baseline is
+"the write itself": one ``torch.save`` of the same model and optimiser state into a file of the
+same folder, fsynced and renamed, timed after the run (nothing else writing). The whole run is
+also timed against the same run without checkpointing: the difference per save is what saving
+really costs training (the background write competes for the CPU). Medians, one thread. Run
+from the repository root::
 
     python benchmarks/checkpoint_save.py            # about a minute
     python benchmarks/checkpoint_save.py --tiny     # seconds: checks that it runs
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,7 +31,15 @@ import torch
 from loguru import logger
 
 from callbacks import Checkpointing
-from engine import CHECKPOINT_PRIORITY, Engine, EngineConfig, Event, OptimizerSpec, RunState
+from engine import (
+    CHECKPOINT_PRIORITY,
+    Engine,
+    EngineConfig,
+    Event,
+    OptimizerSpec,
+    RunState,
+    Subscription,
+)
 from engine.checkpoint import MARKER
 from examples.models import VAE
 from strategies import Standard
@@ -58,33 +69,24 @@ def bare_write(folder: Path, state: dict[str, object]) -> float:
 
 
 class SaveProbe:
-    """Times the Checkpointing handlers of each save step, and after each, the bare write."""
+    """Times the Checkpointing handlers of each save step."""
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.stalls: list[float] = []
-        self.writes: list[float] = []
         self._started = 0.0
 
     def before(self, run: RunState) -> None:
         self._started = time.perf_counter()
 
     def after(self, run: RunState) -> None:
-        if run.progress.step % self.every != 0:
-            return
-        self.stalls.append(time.perf_counter() - self._started)
-        optimizer = run.strategy.state_dict()
-        state = {"model": run.model.state_dict(), "strategy": optimizer}
-        assert run.run_dir is not None
-        self.writes.append(bare_write(run.run_dir, state))
+        if run.progress.step % self.every == 0:
+            self.stalls.append(time.perf_counter() - self._started)
 
 
-def measure(steps: int, every: int, durable: bool, folder: Path) -> dict[str, float]:
+def train(steps: int, every: int, folder: Path, callbacks: list[Any]) -> tuple[float, Engine, Any]:
+    """Seconds of a fit of ``steps`` steps, its engine and its result."""
     torch.manual_seed(0)
-    probe = SaveProbe(every)
-    checkpointing = Checkpointing(
-        every_n_epochs=None, every_n_steps=every, keep_periodic=0, best_k=0, durable=durable
-    )
     engine = Engine(
         Standard(OptimizerSpec("Adam", lr=1e-3)),
         EngineConfig(
@@ -95,51 +97,88 @@ def measure(steps: int, every: int, durable: bool, folder: Path) -> dict[str, fl
             output_dir=folder,
             log_every=every,
         ),
-        [checkpointing],
+        callbacks,
     )
-    engine.on(Event.BATCH_END, probe.before, priority=CHECKPOINT_PRIORITY + 1)
-    engine.on(Event.BATCH_END, probe.after, priority=CHECKPOINT_PRIORITY - 1)
     started = time.perf_counter()
     result = engine.fit(VAE(), _digits())
-    seconds = time.perf_counter() - started
+    return time.perf_counter() - started, engine, result
+
+
+MODES = ((True, True), (True, False), (False, True), (False, False))  # (fsync, background)
+
+
+def measure(
+    steps: int, every: int, durable: bool, background: bool, folder: Path
+) -> dict[str, Any]:
+    """One checkpointed run: its seconds, each save's stall, bare writes of its state, sizes."""
+    probe = SaveProbe(every)
+    checkpointing = Checkpointing(
+        every_n_epochs=None,
+        every_n_steps=every,
+        keep_periodic=0,
+        best_k=0,
+        durable=durable,
+        background=background,
+    )
+    probes = [
+        Subscription(Event.BATCH_END, probe.before, priority=CHECKPOINT_PRIORITY + 1),
+        Subscription(Event.BATCH_END, probe.after, priority=CHECKPOINT_PRIORITY - 1),
+    ]
+    seconds, engine, result = train(steps, every, folder, [checkpointing, *probes])
     assert result.run_dir is not None
+    weights = torch.load(result.paths["model_final"], weights_only=True)
+    state = {"model": weights, "strategy": engine.strategy.state_dict()}
+    writes = [bare_write(result.run_dir, state) for _ in range(max(5, len(probe.stalls)))]
     last = result.run_dir / "checkpoints" / "last"
-    size = sum(path.stat().st_size for path in last.iterdir() if path.name != MARKER)
-    stall, write = statistics.median(probe.stalls), statistics.median(probe.writes)
     return {
-        "saves": len(probe.stalls),
-        "stall_ms": stall * 1e3,
-        "write_ms": write * 1e3,
-        "ratio": stall / write,
-        "bytes": size,
+        "seconds": seconds,
+        "stalls": probe.stalls,
+        "writes": writes,
+        "bytes": sum(path.stat().st_size for path in last.iterdir() if path.name != MARKER),
         "model_bytes": (last / "model.pt").stat().st_size,
         "bare_bytes": (result.run_dir / "bare.pt").stat().st_size,
-        "step_ms": seconds * 1e3 / steps,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a few saves, to check it runs")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.steps, args.every = 12, 3
+        args.steps, args.every, args.repeats = 12, 3, 1
     logger.remove()
     torch.set_num_threads(1)
+    rows: dict[tuple[bool, bool], list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    added: dict[tuple[bool, bool], list[float]] = {mode: [] for mode in MODES}
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as folder:
+        train(2, 1, Path(folder), [Checkpointing(every_n_steps=1)])  # warm up: imports
+        for _ in range(args.repeats):  # interleaved, so machine noise hits every mode alike
+            plain, _, _ = train(args.steps, args.every, Path(folder), [])
+            for mode in MODES:
+                row = measure(args.steps, args.every, *mode, Path(folder))
+                rows[mode].append(row)
+                added[mode].append((row["seconds"] - plain) / len(row["stalls"]))
     print(
-        "| fsync | saves | save stall ms | bare write ms | stall / write | checkpoint bytes "
-        "| model.pt bytes | bare torch.save bytes |"
+        f"{args.steps} steps, a save every {args.every}, {args.repeats} interleaved repeats "
+        "(medians)\n"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for durable in (True, False):
-        with tempfile.TemporaryDirectory(dir=Path.cwd()) as folder:
-            row = measure(args.steps, args.every, durable, Path(folder))
+    print(
+        "| fsync | background | save stall ms | bare write ms | stall / write "
+        "| run time added per save ms | checkpoint bytes | model.pt bytes | bare torch.save bytes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode in MODES:
+        stall = statistics.median(s for row in rows[mode] for s in row["stalls"])
+        write = statistics.median(w for row in rows[mode] for w in row["writes"])
+        last = rows[mode][-1]
         print(
-            f"| {'yes' if durable else 'no'} | {row['saves']:.0f} | {row['stall_ms']:.2f} | "
-            f"{row['write_ms']:.2f} | {row['ratio']:.2f} | {row['bytes']:,.0f} | "
-            f"{row['model_bytes']:,.0f} | {row['bare_bytes']:,.0f} |"
+            f"| {'yes' if mode[0] else 'no'} | {'yes' if mode[1] else 'no'} | "
+            f"{stall * 1e3:.2f} | {write * 1e3:.2f} | {stall / write:.2f} | "
+            f"{statistics.median(added[mode]) * 1e3:.2f} | {last['bytes']:,} | "
+            f"{last['model_bytes']:,} | {last['bare_bytes']:,} |"
         )
     return 0
 
