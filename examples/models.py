@@ -199,16 +199,17 @@ class RAEL2(nn.Module):
 
 
 class FeatureDiscriminator(nn.Module):
-    """An MLP image discriminator that also exposes its hidden features (VAEGAN's metric)."""
+    """An MLP image discriminator that also exposes its first layer's features, bounded by a
+    tanh so that VAEGAN's feature-space reconstruction keeps a fixed scale."""
 
     def __init__(self, input_dim: int, hidden: int) -> None:
         super().__init__()
-        self.features = _mlp([input_dim, hidden, hidden])
-        self.head = nn.Linear(hidden, 1)
+        self.features = nn.Linear(input_dim, hidden)
+        self.head = _mlp([hidden, hidden, 1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(x.flatten(1))
-        return features, self.head(F.relu(features)).squeeze(1)
+        features = torch.tanh(self.features(x.flatten(1)))
+        return features, self.head(features).squeeze(1)
 
 
 class VAEGAN(nn.Module):
@@ -219,7 +220,8 @@ class VAEGAN(nn.Module):
     reconstruction - s * ``discriminator_loss``; ``discriminator_loss`` tells data from decoded
     prior draws. The equilibrium rule returns ``update_decoder`` and ``update_discriminator`` as
     0-d bool tensors: the discriminator rests while it wins by more than ``margin``, the decoder
-    while it loses by more than ``margin`` (never both).
+    while it loses by more than ``margin`` (never both). ``pixel_loss`` (squared error in
+    pixel space, not trained on) shows reconstruction progress on a fixed scale.
     """
 
     def __init__(
@@ -273,6 +275,7 @@ class VAEGAN(nn.Module):
             "update_decoder": update_decoder | neither,
             "update_discriminator": update_discriminator | neither,
             "recon_loss": recon.mean(),
+            "pixel_loss": F.mse_loss(recon_x, x, reduction="none").flatten(1).sum(1).mean(),
             "recon_x": recon_x,
             "z": z,
         }
