@@ -1,7 +1,8 @@
 """Cold start: a fresh process that imports what it needs and trains one step.
 
 The hand-written script imports torch and the model and takes one step; the engine script also
-imports ``engine`` and ``strategies`` and runs ``Engine.fit`` for one step. Both run as child
+imports ``engine`` and ``strategies`` and runs ``Engine.fit`` for one step with the default
+config (so it also creates its run folder and ``train.log``). Both run as child
 processes, alternating, and the wall time of each whole child is compared (interpreter start
 and ``import torch`` are the same in both). Lightning's import alone is timed when installed.
 """
@@ -12,6 +13,7 @@ import importlib.util
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +47,7 @@ ENGINE = (
 from engine import Engine, EngineConfig, OptimizerSpec
 from strategies import Standard
 engine = Engine(Standard(OptimizerSpec("Adam", lr=1e-3)),
-                EngineConfig(max_steps=1, batch_size=64, output_dir=None, device="cpu"))
+                EngineConfig(max_steps=1, batch_size=64, device="cpu"))
 print(engine.fit(model, {"data": data}).steps)
 """
 )
@@ -55,9 +57,12 @@ TORCH_IMPORT = "import torch\n"
 
 
 def _seconds(source: str) -> float:
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", source], check=True, capture_output=True)
-    return time.perf_counter() - started
+    """Wall seconds of a child running ``source`` in a scratch folder (the engine's default
+    config writes its run folder and ``train.log`` there)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", source], check=True, capture_output=True, cwd=scratch)
+        return time.perf_counter() - started
 
 
 def measure(repeats: int = 7) -> dict[str, list[float]]:

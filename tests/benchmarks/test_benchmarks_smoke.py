@@ -69,8 +69,10 @@ def test_overhead_script_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     assert "engine / floor (same fused Adam):" in out
 
 
-def test_coldstart_scripts_run_and_report() -> None:
+@pytest.mark.slow
+def test_coldstart_scripts_run_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The child scripts are valid and train (run here in-process; the benchmark spawns them)."""
+    monkeypatch.chdir(tmp_path)  # the engine's default config writes its run folder here
     for source in (coldstart.HAND_WRITTEN, coldstart.ENGINE):
         exec(compile(source, "<coldstart child>", "exec"), {})
     text = coldstart.report({"hand-written": [1.0, 1.2], "engine": [1.1, 1.3]})
