@@ -12,7 +12,8 @@ the end of an accumulation window, so that resuming from it continues exactly th
   came inside ``train_step`` (a strategy may have stepped some optimisers but not others), in
   the middle of an accumulation window, while the epoch's end (evaluation, schedulers) was
   running, or was a non-finite loss: then the previous checkpoint stays the last one, and the
-  log says why.
+  log says why. A Ctrl-C that comes inside a step is held until the step ends
+  (``hold_interrupts``), so an interrupt is saved.
 
 Only the main process writes. Files: see ``engine/checkpoint.py``; plain weights exported as
 ``model_final.pt``/``model_best.pt`` (+ ``model_config.json``) in the run folder.
@@ -28,6 +29,7 @@ from typing import Any
 import attrs
 import torch
 
+from callbacks.interrupt_hold import InterruptHold
 from engine.checkpoint import (
     CHECKPOINTS_DIR,
     LAST,
@@ -107,6 +109,8 @@ class Checkpointing:
     the fsyncs: a checkpoint still survives the process being killed, not a power cut.
     ``background`` writes the files in a background thread from a snapshot taken at the save
     point (see ``engine/checkpoint_writer.py``); saves at the end and on a crash are waited for.
+    ``hold_interrupts`` holds a Ctrl-C that comes inside a training step until the step ends, so
+    that the interrupt is saved (see ``callbacks/interrupt_hold.py``).
     """
 
     every_n_epochs: int | None = attrs.field(default=1, validator=_optional_positive)
@@ -121,6 +125,7 @@ class Checkpointing:
     directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=_dirname)
     durable: bool = attrs.field(default=True, validator=_bool)
     background: bool = attrs.field(default=True, validator=_bool)
+    hold_interrupts: bool = attrs.field(default=True, validator=_bool)
     priority: int = CHECKPOINT_PRIORITY
     best_value: float | None = attrs.field(default=None, init=False)
     _folder: Path | None = attrs.field(default=None, init=False)
@@ -131,6 +136,7 @@ class Checkpointing:
     _saved: tuple[int, int, int] | None = attrs.field(default=None, init=False)
     _saved_model: Path | None = attrs.field(default=None, init=False)
     _writer: BackgroundWriter = attrs.field(factory=BackgroundWriter, init=False)
+    _interrupts: InterruptHold = attrs.field(factory=InterruptHold, init=False)
 
     # ---------------------------------------------------------------- events
 
@@ -142,15 +148,19 @@ class Checkpointing:
         self._epoch_closing = False
         self._saved = _position(run)  # a resumed run starts where its checkpoint was saved
         self._saved_model = None
+        if self._folder is not None and self.hold_interrupts and self.save_on_exception:
+            self._interrupts.install()
 
     def on_epoch_start(self, run: RunState) -> None:
         self._save_due_epoch(run)
 
     def on_batch_start(self, run: RunState) -> None:
         self._step_open = run.progress.step
+        self._interrupts.enter_step()
 
     def on_batch_end(self, run: RunState) -> None:
         self._step_open = None
+        self._interrupts.leave_step()
         progress = run.progress
         if self.every_n_steps is not None and progress.step % self.every_n_steps == 0:
             self._step_due = True
@@ -173,6 +183,7 @@ class Checkpointing:
             self._epoch_due = _EpochSave(periodic, value, new_best)
 
     def on_fit_end(self, run: RunState) -> None:
+        self._interrupts.uninstall()
         try:
             self._save_due_epoch(run)
             if self.save_last and _position(run) != self._saved:
@@ -192,6 +203,7 @@ class Checkpointing:
             self._export_config(run)
 
     def on_exception(self, run: RunState) -> None:
+        self._interrupts.uninstall()
         try:
             self._writer.close()
         except Exception as error:  # never hide the run's own error behind ours

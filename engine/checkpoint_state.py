@@ -200,12 +200,23 @@ def restore_training(
         model.load_state_dict(checkpoint.model_state)
     if ctx.scaler is not None:
         ctx.scaler.load_state_dict(scaler_state)
-    ctx.progress.load_state_dict(checkpoint.training_state["progress"])
+    try:
+        ctx.progress.load_state_dict(checkpoint.training_state["progress"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: malformed progress ({type(error).__name__}: {error})"
+        ) from error
     saved_callbacks = checkpoint.training_state["callbacks"]
     current = stateful_callbacks(callbacks)
     for key, callback in current.items():
         if key in saved_callbacks:
-            callback.load_state_dict(saved_callbacks[key])
+            try:
+                callback.load_state_dict(saved_callbacks[key])
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint.path}: the state of callback {key} does not load "
+                    f"({type(error).__name__}: {error})"
+                ) from error
         else:
             logger.warning(f"checkpoint {checkpoint.path} has no state for callback {key}")
     for key in sorted(set(saved_callbacks) - set(current)):
@@ -214,12 +225,18 @@ def restore_training(
 
 def restore_run(checkpoint: LoadedCheckpoint, run: RunState) -> None:
     """Put back the run's history, best value, metric buffer and, last, the RNG streams."""
-    saved = checkpoint.training_state["run"]
-    run.history[:] = [dict(record) for record in saved["history"]]
-    run.best_value = saved["best_value"]
-    run.best_epoch = saved["best_epoch"]
-    buffer_state = checkpoint.training_state["metric_buffer"]
-    if run.metric_buffer is not None and buffer_state is not None:
-        device = run.context.device if run.context is not None else torch.device("cpu")
-        run.metric_buffer.load_state_dict(buffer_state, device)
-    set_rng_states(checkpoint.training_state["rng"])
+    try:
+        saved = checkpoint.training_state["run"]
+        run.history[:] = [dict(record) for record in saved["history"]]
+        run.best_value = saved["best_value"]
+        run.best_epoch = saved["best_epoch"]
+        buffer_state = checkpoint.training_state["metric_buffer"]
+        if run.metric_buffer is not None and buffer_state is not None:
+            device = run.context.device if run.context is not None else torch.device("cpu")
+            run.metric_buffer.load_state_dict(buffer_state, device)
+        set_rng_states(checkpoint.training_state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"checkpoint file {checkpoint.path / 'training.pt'} has a malformed run state "
+            f"({type(error).__name__}: {error})"
+        ) from error

@@ -48,6 +48,9 @@ class RunState:
     last ``log_every`` steps, refreshed at that interval; ``epoch_metrics`` holds the epoch's
     train means (``train/...``), eval means (``eval/...``) and learning rates (``lr/...``).
     ``log`` is a loguru logger bound to this run: what it logs also goes to ``train.log``.
+    ``context`` is the ``StepContext`` lent to the strategy (its GradScaler is checkpointed) and
+    ``metric_buffer`` the epoch's unread metrics (checkpointed, so a mid-epoch resume averages
+    the same values).
     """
 
     engine: Engine

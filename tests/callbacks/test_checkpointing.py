@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,34 @@ def test_an_error_inside_train_step_keeps_the_previous_checkpoint(tmp_path: Path
     with pytest.raises(RuntimeError, match="failure inside the step"):
         _engine(tmp_path, callbacks).fit(FailingModel(fail_at=4), data(8))
     assert _step_of(tmp_path / "run" / "checkpoints" / "last") == 2
+
+
+class CtrlCAt(DropoutRegressor):
+    """Sends itself SIGINT (as Ctrl-C does) inside its forward at call ``at``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.calls, self.at = 0, at
+
+    def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().forward(batch, **kwargs)
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_ctrl_c_inside_a_step_is_held_until_the_step_ends_and_saved(
+    tmp_path: Path, hold: bool
+) -> None:
+    """Held, the interrupt surfaces after step 3 completed and ``last`` is step 3; not held, it
+    lands inside step 3 and the step-2 checkpoint stays the last one."""
+    checkpointing = Checkpointing(every_n_steps=2, best_k=0, durable=False, hold_interrupts=hold)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _engine(tmp_path, [checkpointing]).fit(CtrlCAt(at=3), data(16))
+    assert signal.getsignal(signal.SIGINT) is before
+    assert _step_of(tmp_path / "run" / "checkpoints" / "last") == (3 if hold else 2)
 
 
 class NanAfter(DropoutRegressor):
