@@ -165,6 +165,8 @@ def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
         average_gradients(update.params, ctx.world)
         clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
         if scaler is not None:
+            if all(param.grad is None for param in update.params):
+                continue  # its loss reached none of its parameters: nothing to unscale or step
             scaler.unscale_(update.optimizer)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(update.params, clip, foreach=True)

@@ -119,3 +119,32 @@ def test_each_group_is_unscaled_then_clipped_by_its_own_norm(
         steps = [i for i, c in enumerate(calls) if c == "step"]
         unscales = [i for i, c in enumerate(calls) if c == "unscale_"]
         assert all(u < s for u, s in zip(unscales, steps))
+
+
+class DecoderUnreached(torch.nn.Module):
+    """``decoder_loss`` depends on the encoder only: the decoder group gets no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(2, 2)
+        self.decoder = torch.nn.Linear(2, 2)
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss = self.encoder(batch).pow(2).mean()
+        return {"encoder_loss": loss, "decoder_loss": 2 * loss}
+
+
+def test_a_group_its_loss_does_not_reach_is_left_alone_under_the_scaler() -> None:
+    from strategies import Coupled
+
+    model = DecoderUnreached()
+    strategy = Coupled(encoder=OptimizerSpec("Adam", lr=0.1), decoder=OptimizerSpec("Adam", lr=0.1))
+    calls: list[str] = []
+    ctx = make_ctx()
+    ctx.scaler = CountingScaler(calls)  # type: ignore[assignment]
+    strategy.setup(model, ctx)
+    decoder = [p.detach().clone() for p in model.decoder.parameters()]
+    strategy.train_step(model, torch.randn(3, 2), ctx)
+    assert all(torch.equal(a, b) for a, b in zip(decoder, model.decoder.parameters()))
+    assert calls.count("unscale_") == 1 and calls.count("update") == 1
+    assert not strategy.joint.updates[1].optimizer.state
