@@ -105,8 +105,7 @@ class PendingAverage:
         for bucket, flat in zip(self.buckets, self.flats):
             flat.div_(self.world.world_size)
             grads = [_grad(self.params[i]) for i in bucket]
-            for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(reduced)
+            torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
         # A parameter without a gradient on every rank keeps none, so no optimiser moves it.
         for index in torch.nonzero(present == 0).flatten().tolist():
             self.params[index].grad = None
@@ -125,17 +124,19 @@ def start_gradient_average(
     params = list(parameters)
     if not world.is_distributed or not params:
         return PendingAverage(params, [], [], [], world)
-    present = torch.zeros(len(params), dtype=params[0].dtype, device=params[0].device)
+    flags = []
     for index, param in enumerate(params):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
+            flags.append(0.0)
+        elif param.grad.is_sparse:
+            raise DistributedError(
+                f"parameter {index} of shape {tuple(param.shape)} has a sparse gradient; "
+                "averaging sparse gradients across ranks is not supported"
+            )
         else:
-            if param.grad.is_sparse:
-                raise DistributedError(
-                    f"parameter {index} of shape {tuple(param.shape)} has a sparse gradient; "
-                    "averaging sparse gradients across ranks is not supported"
-                )
-            present[index] = 1
+            flags.append(1.0)
+    present = torch.tensor(flags, dtype=params[0].dtype).to(params[0].device, non_blocking=True)
     buckets = _buckets(params, bucket_bytes)
     flats, works = [], []
     for number, bucket in enumerate(buckets):
