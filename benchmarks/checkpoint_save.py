@@ -122,6 +122,7 @@ def measure(
         best_k=0,
         durable=durable,
         background=background,
+        export=False,  # the plain weight exports are not checkpoint saves
     )
     probes = [
         Subscription(Event.BATCH_END, probe.before, priority=CHECKPOINT_PRIORITY + 1),
@@ -129,10 +130,10 @@ def measure(
     ]
     seconds, engine, result = train(steps, every, folder, [checkpointing, *probes])
     assert result.run_dir is not None
-    weights = torch.load(result.paths["model_final"], weights_only=True)
+    last = result.run_dir / "checkpoints" / "last"
+    weights = torch.load(last / "model.pt", weights_only=True)
     state = {"model": weights, "strategy": engine.strategy.state_dict()}
     writes = [bare_write(result.run_dir, state) for _ in range(max(5, len(probe.stalls)))]
-    last = result.run_dir / "checkpoints" / "last"
     return {
         "seconds": seconds,
         "stalls": probe.stalls,

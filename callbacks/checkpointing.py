@@ -137,6 +137,7 @@ class Checkpointing:
     _saved_model: Path | None = attrs.field(default=None, init=False)
     _writer: BackgroundWriter = attrs.field(factory=BackgroundWriter, init=False)
     _interrupts: InterruptHold = attrs.field(factory=InterruptHold, init=False)
+    _config_exported: bool = attrs.field(default=False, init=False)
 
     # ---------------------------------------------------------------- events
 
@@ -148,6 +149,7 @@ class Checkpointing:
         self._epoch_closing = False
         self._saved = _position(run)  # a resumed run starts where its checkpoint was saved
         self._saved_model = None
+        self._config_exported = False
         if self._folder is not None and self.hold_interrupts and self.save_on_exception:
             self._interrupts.install()
 
@@ -198,7 +200,7 @@ class Checkpointing:
             state = run.model.state_dict()
             source = self._saved_model if _position(run) == self._saved else None
             run.paths["model_final"] = export_weights(
-                self._folder.parent / "model_final.pt", state, source
+                self._folder.parent / "model_final.pt", state, source, self.durable
             )
             self._export_config(run)
 
@@ -260,7 +262,8 @@ class Checkpointing:
         elif export_best:
             state = snapshot(run.model.state_dict())
             target = self._folder.parent / "model_best.pt"
-            self._run_job(lambda: export_weights(target, state, None))
+            durable = self.durable
+            self._run_job(lambda: export_weights(target, state, None, durable))
         if export_best:
             run.paths["model_best"] = self._folder.parent / "model_best.pt"
             self._export_config(run)
@@ -291,7 +294,8 @@ class Checkpointing:
         def write() -> None:
             paths = write_checkpoint(folder, names, model_state, training, meta, durable)
             if export_best:
-                export_weights(folder.parent / "model_best.pt", None, paths[0] / MODEL_FILE)
+                best = folder.parent / "model_best.pt"
+                export_weights(best, None, paths[0] / MODEL_FILE, durable)
             self._prune_periodic(folder, names)
             self._prune_best(folder, mode)
 
@@ -377,8 +381,11 @@ class Checkpointing:
         return _window_reason(run)
 
     def _export_config(self, run: RunState) -> None:
-        assert self._folder is not None
-        path = export_config(self._folder.parent / "model_config.json", run.model)
+        """The model's config next to its exported weights, once per fit."""
+        if self._folder is None or self._config_exported:
+            return
+        self._config_exported = True
+        path = export_config(self._folder.parent / "model_config.json", run.model, self.durable)
         if path is not None:
             run.paths["model_config"] = path
 

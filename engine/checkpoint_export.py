@@ -40,7 +40,10 @@ def model_config(model: torch.nn.Module) -> dict[str, Any] | None:
 
 
 def export_weights(
-    path: Path, state: Mapping[str, torch.Tensor] | None, source: Path | None = None
+    path: Path,
+    state: Mapping[str, torch.Tensor] | None,
+    source: Path | None = None,
+    durable: bool = True,
 ) -> Path:
     """Write ``state`` (as CPU tensors) to ``path`` atomically; or, given ``source``, a file that
     already holds exactly that state (a checkpoint's ``model.pt``), hard-link it (copy it where
@@ -54,18 +57,19 @@ def export_weights(
         except OSError:
             shutil.copyfile(source, temporary)
         os.replace(temporary, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
         return path
     if state is None:
         raise ValueError(f"export_weights({str(path)!r}) needs a state or a source file")
-    save_torch_file(path, {key: value.detach().cpu() for key, value in state.items()})
+    save_torch_file(path, {key: value.detach().cpu() for key, value in state.items()}, durable)
     return path
 
 
-def export_config(path: Path, model: torch.nn.Module) -> Path | None:
+def export_config(path: Path, model: torch.nn.Module, durable: bool = True) -> Path | None:
     """Write the model's config as JSON to ``path``; None when the model has no config."""
     config = model_config(model)
     if config is None:
         return None
-    save_json_file(path, config)
+    save_json_file(path, config, durable)
     return path
