@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks import coldstart, dataset_size, memory
-from benchmarks.harness import device_from, interleave, markdown_table
+from benchmarks.harness import default_clock, device_from, interleave, markdown_table
 from benchmarks.peers import available
 from benchmarks.workloads import WORKLOADS
 
@@ -51,7 +51,9 @@ def speed(args: argparse.Namespace, device: torch.device, peers: list[str]) -> l
         data = workload.data(samples)
         for batch_size in args.batch_sizes:
             runners = workload.runners(data, batch_size, device, peers)
-            timings = interleave(runners, batch_size, args.repeats, device, warmup=args.warmup)
+            timings = interleave(
+                runners, batch_size, args.repeats, device, warmup=args.warmup, clock=args.clock
+            )
             title = f"{name} ({workload.strategy}), {samples} samples, batch {batch_size}"
             table = markdown_table(title, timings, runners[0].name)
             print(table, "\n", flush=True)
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of each workload")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--clock",
+        choices=["auto", "cpu", "wall"],
+        default="auto",
+        help="cpu: thread CPU time (the default on CPU with one thread); wall: wall time",
+    )
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--no-peers", action="store_true", help="skip pythae, Ignite, Lightning")
     parser.add_argument("--quick", action="store_true", help="3 repeats, a quarter of the data")
@@ -96,11 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.warmup, args.scale, args.batch_sizes = 1, 0, 0.0, [64]
     torch.set_num_threads(args.threads)
     device = device_from(args.device)
+    if args.clock == "auto":
+        args.clock = default_clock(device)
     peers = [] if args.no_peers else available()
     from loguru import logger
 
     logger.remove()  # the engine's per-fit log lines would drown the tables
-    report = [f"Machine: {machine()}; device {device}; peers installed: {peers or 'none'}", ""]
+    report = [
+        f"Machine: {machine()}; device {device}; clock: {args.clock}; "
+        f"peers installed: {peers or 'none'}",
+        "",
+    ]
     print(report[0], flush=True)
     if "speed" in args.parts:
         report += speed(args, device, peers)
