@@ -236,3 +236,9 @@ def test_a_save_killed_between_its_renames_leaves_a_loadable_checkpoint(tmp_path
     found = latest_checkpoint(tmp_path)
     assert found == folder / ".staging-last-1-2"
     assert torch.equal(load_checkpoint(found).model_state["w"], torch.ones(2))
+
+
+def test_a_changed_precision_is_refused(tmp_path: Path) -> None:
+    _train(tmp_path)
+    with pytest.raises(CheckpointError, match=r"precision 'fp32' \(no GradScaler\); this run has"):
+        _resume(tmp_path, precision="fp16")

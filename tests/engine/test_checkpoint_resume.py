@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from callbacks import Checkpointing, EarlyStopping, MetricsHistory
 from engine import Engine, EngineConfig, RunState
-from engine.checkpoint import latest_checkpoint
+from engine.checkpoint import latest_checkpoint, load_checkpoint
 from tests.engine.checkpoint_cases import KINDS, data, equal, make_case, without_seconds
 
 INTERRUPTIONS = ("max_steps", "stop_in_batch", "stop_at_epoch_end", "error_after_batch")
@@ -162,3 +162,29 @@ def test_resumed_run_continues_the_random_streams(
     expected = finish("a", None, None)
     finish("b", k, None)
     assert finish("b", None, "last") == expected
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path: Path) -> None:
+    """fp16 on CPU: the GradScaler's scale and growth tracker continue exactly."""
+
+    def run(name: str, max_steps: int | None, resume: str | None, seed: int) -> Any:
+        model, strategy = make_case("standard", seed)
+        config = EngineConfig(
+            epochs=2,
+            batch_size=3,
+            precision="fp16",
+            device="cpu",
+            output_dir=tmp_path,
+            run_name=name,
+            max_steps=max_steps,
+        )
+        Engine(strategy, config, [Checkpointing(durable=False)]).fit(model, data(10), resume=resume)
+        return model, load_checkpoint(tmp_path / name / "checkpoints" / "last")
+
+    model_a, last_a = run("a", None, None, seed=0)
+    run("b", 5, None, seed=0)
+    model_c, last_c = run("b", None, "last", seed=1)
+    assert last_a.training_state["scaler"] is not None
+    assert last_a.training_state["scaler"] == last_c.training_state["scaler"]
+    assert equal(model_a.state_dict(), model_c.state_dict())
+    assert equal(last_a.training_state["strategy"], last_c.training_state["strategy"])
