@@ -136,10 +136,11 @@ class JointUpdates:
         Returns false when ``nonfinite="skip"`` dropped this batch.
         """
         updates = self.updates
-        present = [loss for loss in losses if loss is not None]
-        if ctx.nonfinite == "skip" and present and not losses_are_finite(present):
-            skip_step(updates, ctx)
-            return False
+        if ctx.nonfinite == "skip":
+            present = [loss for loss in losses if loss is not None]
+            if present and not losses_are_finite(present):
+                skip_step(updates, ctx)
+                return False
         pairs = []
         for update, loss, on in zip(updates, losses, active):
             if not on or loss is None:
