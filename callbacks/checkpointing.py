@@ -171,6 +171,9 @@ class Checkpointing:
             self._save(run, self._periodic_names(f"step-{progress.step:08d}"), None)
         self._epoch_closing = progress.batch_in_epoch == run.steps_per_epoch
 
+    def on_eval_start(self, run: RunState) -> None:
+        self._epoch_closing = True  # (also where the epoch's length is not known)
+
     def on_epoch_end(self, run: RunState) -> None:
         self._epoch_closing = False
         epochs = run.progress.epoch

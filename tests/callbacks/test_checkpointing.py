@@ -260,3 +260,21 @@ def test_a_monitor_missing_from_the_metrics_is_an_error_naming_them(tmp_path: Pa
         )
     # The error came at an epoch boundary, a consistent point: the crash save still happens.
     assert _step_of(tmp_path / "run" / "checkpoints" / "last") == 2
+
+
+class FailsInEval(DropoutRegressor):
+    """Raises in evaluation (``model.training`` is False)."""
+
+    def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if not self.training:
+            raise RuntimeError("failure in evaluation")
+        return super().forward(batch, **kwargs)
+
+
+def test_an_error_during_the_epochs_end_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    """The epoch's train means are already taken when evaluation runs: no save there."""
+    callbacks = [Checkpointing(every_n_steps=1, best_k=0, durable=False)]
+    with pytest.raises(RuntimeError, match="failure in evaluation"):
+        _engine(tmp_path, callbacks).fit(FailsInEval(), data(8), data(4))
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
+    assert last.meta["progress"] == {"epoch": 0, "step": 2, "batch_in_epoch": 2, "skipped_steps": 0}
