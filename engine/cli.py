@@ -7,8 +7,10 @@ data, a strategy and callbacks, and runs them. Those packages are imported insid
 one line (``error: ...``) without a traceback, and the exit code is 2.
 
 A ``fit`` run writes, besides what its callbacks write, the resolved config as
-``run_dir/config.toml`` (``strategy-engine fit run_dir/config.toml`` repeats the run) and the
-final weights as ``run_dir/model.pt``.
+``run_dir/config.toml``: ``strategy-engine fit run_dir/config.toml`` repeats the run, and
+``strategy-engine resume run_dir`` continues it from its latest checkpoint. ``Checkpointing`` is
+one of the default callbacks; its ``model_final.pt`` is what ``evaluate`` and ``predict`` load
+from a run folder.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from engine.seeding import seed_everything
 from engine.state import FitResult, RunState
 
 CONFIG_FILENAME = "config.toml"
-MODEL_FILENAME = "model.pt"
+MODEL_FILENAME = "model_final.pt"
 IMAGE_BATCH_SIZE = 16
 # Callbacks a fit gets unless the config lists one of the same name (whose arguments then win).
-DEFAULT_CALLBACKS = ("ProgressBar", "ConsoleMetrics", "MetricsHistory")
+DEFAULT_CALLBACKS = ("ProgressBar", "ConsoleMetrics", "MetricsHistory", "Checkpointing")
 USAGE_ERROR = 2
 
 
@@ -216,8 +218,8 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
 
 @attrs.define(eq=False)
 class RunFiles:
-    """Writes ``config.toml`` at FIT_START and ``model.pt`` at FIT_END into the run folder, on
-    rank 0. Its priority is high, so trackers that collect artifacts at FIT_END find both."""
+    """Writes the resolved config as ``config.toml`` into the run folder at FIT_START, on rank
+    0 (a resumed run rewrites it with the overrides it was resumed with)."""
 
     raw_config: dict[str, Any]
     priority: int = 100
@@ -229,16 +231,9 @@ class RunFiles:
         path.write_text(dump_toml(self.raw_config), encoding="utf-8")
         run.paths["config"] = path
 
-    def on_fit_end(self, run: RunState) -> None:
-        if run.run_dir is None or not run.is_main_process:
-            return
-        path = run.run_dir / MODEL_FILENAME
-        torch.save(run.model.state_dict(), path)
-        run.paths["model"] = path
-
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a ``model.pt`` state dict (``weights_only``: the file can not run code)."""
+    """Load a state dict file (``weights_only``: the file can not run code)."""
     if not path.is_file():
         raise ConfigError(f"no weights file at {str(path)!r}")
     try:
@@ -341,7 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("evaluate", "print eval losses"), ("predict", "save model outputs")):
         command = commands.add_parser(name, parents=[overrides], help=text)
         command.add_argument("target", help="a run folder, or a config file with --weights")
-        command.add_argument("--weights", help="a model.pt state dict (default RUN/model.pt)")
+        command.add_argument("--weights", help="a state dict file (default RUN/model_final.pt)")
         command.add_argument("--split", default="eval", choices=["train", "eval"])
         if name == "predict":
             command.add_argument("--output", help="where to save (default RUN/predictions.pt)")
@@ -378,10 +373,18 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> FitResult:
-    """Continue the run in ``run_dir`` from its latest checkpoint."""
-    raise ConfigError(
-        f"resume {str(run_dir)!r}: this engine has no resume support yet (Engine.fit(resume=...))"
-    )
+    """Continue the run in ``run_dir`` from its latest checkpoint, with its ``config.toml``
+    (and ``overrides``, e.g. ``engine.epochs=20`` to train longer); it writes on into
+    ``run_dir``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILENAME).is_file():
+        raise ConfigError(
+            f"resume needs a run folder holding {CONFIG_FILENAME}, got {str(run_dir)!r}"
+        )
+    config = load_run_config(run_dir, overrides)
+    built = build(config)
+    engine = Engine(built.strategy, config.engine, [RunFiles(config.raw), *built.callbacks])
+    return engine.fit(built.model, built.train, built.eval, resume=run_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,29 +68,54 @@ def test_every_example_config_trains_one_short_epoch(config: Path, tmp_path: Pat
     assert written["engine"]["epochs"] == 1
     assert written["data"]["train"]["eval_fraction"] == 0.9
     model = build(load_run_config(run_dir), with_callbacks=False).model
-    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    model.load_state_dict(torch.load(run_dir / "model_final.pt", weights_only=True))
     assert (run_dir / "plots").is_dir()
 
 
 def test_written_config_repeats_the_run(tmp_path: Path, capsys: Any) -> None:
     config = small_config(tmp_path)
-    assert main(["fit", str(config), "--set", "engine.epochs=3"]) == 0
+    assert main(["fit", str(config), "--set", "engine.epochs=2"]) == 0
     first = tmp_path / "r"
     assert f"run folder: {first}" in capsys.readouterr().out
     written = read_toml((first / "config.toml").read_text())
-    assert written["engine"]["epochs"] == 3
+    assert written["engine"]["epochs"] == 2
     assert main(["fit", str(first / "config.toml")]) == 0
     second = tmp_path / "r-1"  # two runs never share a folder
     assert (first / "config.toml").read_text() == (second / "config.toml").read_text()
 
-    def without_time(path: Path) -> list[dict[str, float]]:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(path)]
-
-    assert len(read_jsonl(first / "metrics.jsonl")) == 3
+    assert len(read_jsonl(first / "metrics.jsonl")) == 2
     assert without_time(first / "metrics.jsonl") == without_time(second / "metrics.jsonl")
-    a = torch.load(first / "model.pt", weights_only=True)
-    b = torch.load(second / "model.pt", weights_only=True)
+    a = torch.load(first / "model_final.pt", weights_only=True)
+    b = torch.load(second / "model_final.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def without_time(path: Path) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(path)]
+
+
+def test_resume_continues_the_run_as_if_never_stopped(tmp_path: Path) -> None:
+    config = small_config(tmp_path)
+    assert main(["fit", str(config), "--set", "engine.epochs=3", "--set", "engine.run_name=a"]) == 0
+    assert main(["fit", str(config), "--set", "engine.epochs=1", "--set", "engine.run_name=b"]) == 0
+    assert main(["resume", str(tmp_path / "b"), "--set", "engine.epochs=3"]) == 0
+    assert without_time(tmp_path / "a" / "metrics.jsonl") == without_time(
+        tmp_path / "b" / "metrics.jsonl"
+    )
+    assert read_toml((tmp_path / "b" / "config.toml").read_text())["engine"]["epochs"] == 3
+    a = torch.load(tmp_path / "a" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resume_without_a_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: Any) -> None:
+    config = small_config(tmp_path)
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(config.read_text())
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "checkpoint" in err and "copy" in err
 
 
 def test_evaluate_and_predict_use_the_trained_weights(tmp_path: Path, capsys: Any) -> None:
@@ -104,7 +129,7 @@ def test_evaluate_and_predict_use_the_trained_weights(tmp_path: Path, capsys: An
     assert set(metrics) == {"loss"}
     assert metrics["loss"] == pytest.approx(last_eval, rel=0.2)  # the VAE samples z
     output = tmp_path / "p.pt"
-    assert main(["predict", str(config), "--weights", str(run_dir / "model.pt"),
+    assert main(["predict", str(config), "--weights", str(run_dir / "model_final.pt"),
                  "--output", str(output), "--split", "train"]) == 0  # fmt: skip
     predictions = torch.load(output, weights_only=True)
     assert predictions["recon_x"].shape == (64, 1, 4, 4)
@@ -117,7 +142,7 @@ def test_evaluate_and_predict_use_the_trained_weights(tmp_path: Path, capsys: An
         (["evaluate", "{config}"], "is a config file: give --weights PATH"),
         (["evaluate", "{config}", "--weights", "{tmp}/none.pt"], "no weights file at"),
         (["predict", "{config}", "--weights", "{tmp}/w.pt"], "predict needs --output FILE"),
-        (["resume", "{tmp}"], "resume"),
+        (["resume", "{tmp}"], "resume needs a run folder holding config.toml"),
         (["fit", "{tmp}/missing.toml"], "can not read config file"),
         (["fit", "{config}", "--set", "engine.epochs=0"], "epochs must be a positive integer"),
         (["fit", "{config}", "--set", "strategy.name=Magic"], "'Magic' is not a strategy"),
