@@ -94,6 +94,7 @@ class PendingAverage:
     flats: list[torch.Tensor]
     works: list[Any]
     world: World
+    missing: list[int] = attrs.field(factory=list)
 
     def wait(self) -> None:
         """Block until the reduced gradients are in place (identical on every rank)."""
@@ -107,8 +108,12 @@ class PendingAverage:
             grads = [_grad(self.params[i]) for i in bucket]
             torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
         # A parameter without a gradient on every rank keeps none, so no optimiser moves it.
-        for index in torch.nonzero(present == 0).flatten().tolist():
-            self.params[index].grad = None
+        # Only a rank that lacked one itself reads the flags (a device sync, off the usual path).
+        if self.missing:
+            counts = present[self.missing].tolist()
+            for index, count in zip(self.missing, counts):
+                if count == 0:
+                    self.params[index].grad = None
         self.flats = []
 
 
@@ -124,11 +129,12 @@ def start_gradient_average(
     params = list(parameters)
     if not world.is_distributed or not params:
         return PendingAverage(params, [], [], [], world)
-    flags = []
+    flags, missing = [], []
     for index, param in enumerate(params):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
             flags.append(0.0)
+            missing.append(index)
         elif param.grad.is_sparse:
             raise DistributedError(
                 f"parameter {index} of shape {tuple(param.shape)} has a sparse gradient; "
@@ -152,7 +158,7 @@ def start_gradient_average(
             )
         )
         flats.append(flat)
-    return PendingAverage(params, buckets, flats, works, world)
+    return PendingAverage(params, buckets, flats, works, world, missing)
 
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter], world: World) -> None:
