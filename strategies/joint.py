@@ -116,17 +116,19 @@ class JointUpdates:
     def read_flags(
         self, outputs: Sequence[Mapping[str, Any] | None], ctx: StepContext
     ) -> list[bool]:
-        """Each role's ``update_<role>`` flag (true when absent), agreed on by every rank."""
+        """Each role's ``update_<role>`` flag (true when absent), agreed on by every rank.
+
+        Under several processes this is one small all-reduce per step, whether or not this
+        rank's forward returned flags: another rank's may have.
+        """
         flags: list[bool] = []
-        present = False
         for spec, out in zip(self.specs, outputs):
             key = f"update_{spec.role}"
             if out is None or key not in out:
                 flags.append(out is not None)
                 continue
-            present = True
             flags.append(_as_flag(out[key], key, ctx))
-        return all_ranks_agree(flags, ctx.world) if present else flags
+        return all_ranks_agree(flags, ctx.world)
 
     def train(
         self, losses: Sequence[torch.Tensor | None], active: Sequence[bool], ctx: StepContext

@@ -1,0 +1,69 @@
+"""Under two gloo ranks, an ``update_<role>`` flag that is false on one rank switches that
+update off on every rank, so the ranks' parameters and optimiser states stay identical."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.distributed import World
+from engine.specs import OptimizerSpec
+from strategies import CoupledAdversarial
+from tests.strategies.toy import CoupledToy, make_ctx
+
+STEPS = 4
+OFF_ON_RANK_ONE = {1: "update_discriminator", 2: "update_decoder"}  # step: flag false on rank 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rank(rank: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = CoupledToy()
+        adam = OptimizerSpec("Adam", lr=0.05)
+        strategy = CoupledAdversarial(encoder=adam, decoder=adam, discriminator=adam)
+        ctx = make_ctx()
+        ctx.world = World(rank=rank, world_size=2)
+        strategy.setup(model, ctx)
+        data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+        for step in range(STEPS):
+            model.flags = {}
+            if rank == 1 and step in OFF_ON_RANK_ONE:
+                model.flags[OFF_ON_RANK_ONE[step]] = torch.tensor(False)
+            strategy.train_step(model, {"data": torch.randn(4, 3, generator=data)}, ctx)
+        steps = {
+            u.role: int(u.optimizer.state[u.params[0]]["step"]) for u in strategy.joint.updates
+        }
+        result = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "steps": steps}
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_flag_false_on_one_rank_is_false_on_every_rank(tmp_path: Path) -> None:
+    mp.start_processes(
+        _rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True
+    )
+    ranks: list[dict[str, Any]] = [
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)
+    ]
+    for key, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][key]), key
+    expected = {"encoder": STEPS, "decoder": STEPS - 1, "discriminator": STEPS - 1}
+    assert ranks[0]["steps"] == ranks[1]["steps"] == expected
