@@ -3,11 +3,13 @@ own loss with respect to its own parameters, and an update that is off moves not
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.specs import OptimizerSpec
+from strategies import Coupled
 from tests.strategies.builders import KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx, own_gradients, params_of
 
@@ -92,3 +94,23 @@ def test_the_naive_pythae_order_would_leak_so_the_isolation_test_can_fail() -> N
     _pythae_order_gradients(vaegan_like, data)
     leaked = torch.cat([p.grad.flatten() for p in vaegan_like.encoder.parameters()])
     assert not torch.allclose(leaked, torch.cat([g.flatten() for g in own]))
+
+
+@pytest.mark.parametrize(("same_loss", "passes"), [(True, 1), (False, 2)])
+def test_a_loss_shared_by_several_groups_is_back_propagated_once(
+    same_loss: bool, passes: int
+) -> None:
+    model = CoupledToy(same_coupled_loss=same_loss)
+    model.discriminator.requires_grad_(False)
+    through_decoder_output: list[int] = []
+
+    def count_passes(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        out.register_hook(lambda grad: through_decoder_output.append(1))
+
+    model.decoder.register_forward_hook(count_passes)
+    sgd = OptimizerSpec("SGD", lr=0.1)
+    strategy = Coupled(encoder=sgd, decoder=sgd)
+    strategy.setup(model, make_ctx())
+    strategy.train_step(model, {"data": torch.randn(4, 3)}, make_ctx())
+    # both losses pass through the reconstruction: one backward pass when they are one tensor
+    assert len(through_decoder_output) == passes
