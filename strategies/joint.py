@@ -135,12 +135,14 @@ class JointUpdates:
     ) -> bool:
         """Back-propagate the active losses, isolated, and step at the window's end.
 
-        Returns false when ``nonfinite="skip"`` dropped this batch.
+        Returns false when ``nonfinite="skip"`` dropped this batch (on every rank, when a loss
+        is non-finite on any).
         """
         updates = self.updates
         if ctx.nonfinite == "skip":
             present = [loss for loss in losses if loss is not None]
-            if present and not losses_are_finite(present):
+            finite = not present or losses_are_finite(present)
+            if not all_ranks_agree([finite], ctx.world)[0]:  # every rank skips together
                 skip_step(updates, ctx)
                 return False
         pairs = []

@@ -1,5 +1,6 @@
 """Under two gloo ranks, an ``update_<role>`` flag that is false on one rank switches that
-update off on every rank, so the ranks' parameters and optimiser states stay identical."""
+update off on every rank, and a non-finite loss on one rank (``nonfinite="skip"``) skips the
+step on every rank, so the ranks' parameters and optimiser states stay identical."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from engine.specs import OptimizerSpec
 from strategies import CoupledAdversarial
 from tests.strategies.toy import CoupledToy, make_ctx
 
-STEPS = 4
+STEPS = 5
 OFF_ON_RANK_ONE = {1: "update_discriminator", 2: "update_decoder"}  # step: flag false on rank 1
+NAN_ON_RANK_ONE = 3
 
 
 def _free_port() -> int:
@@ -37,7 +39,7 @@ def _rank(rank: int, port: int, folder: str) -> None:
         model = CoupledToy()
         adam = OptimizerSpec("Adam", lr=0.05)
         strategy = CoupledAdversarial(encoder=adam, decoder=adam, discriminator=adam)
-        ctx = make_ctx()
+        ctx = make_ctx(nonfinite="skip")
         ctx.world = World(rank=rank, world_size=2)
         strategy.setup(model, ctx)
         data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
@@ -45,18 +47,24 @@ def _rank(rank: int, port: int, folder: str) -> None:
             model.flags = {}
             if rank == 1 and step in OFF_ON_RANK_ONE:
                 model.flags[OFF_ON_RANK_ONE[step]] = torch.tensor(False)
+            if rank == 1 and step == NAN_ON_RANK_ONE:
+                model.flags["encoder_loss"] = torch.tensor(float("nan"))
             strategy.train_step(model, {"data": torch.randn(4, 3, generator=data)}, ctx)
         steps = {
             u.role: int(u.optimizer.state[u.params[0]]["step"]) for u in strategy.joint.updates
         }
-        result = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "steps": steps}
+        result = {
+            "params": {k: v.clone() for k, v in model.state_dict().items()},
+            "steps": steps,
+            "skipped": ctx.progress.skipped_steps,
+        }
         torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_a_flag_false_on_one_rank_is_false_on_every_rank(tmp_path: Path) -> None:
+def test_a_flag_false_or_a_non_finite_loss_on_one_rank_acts_on_every_rank(tmp_path: Path) -> None:
     mp.start_processes(
         _rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True
     )
@@ -65,5 +73,6 @@ def test_a_flag_false_on_one_rank_is_false_on_every_rank(tmp_path: Path) -> None
     ]
     for key, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][key]), key
-    expected = {"encoder": STEPS, "decoder": STEPS - 1, "discriminator": STEPS - 1}
+    expected = {"encoder": STEPS - 1, "decoder": STEPS - 2, "discriminator": STEPS - 2}
     assert ranks[0]["steps"] == ranks[1]["steps"] == expected
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
