@@ -148,6 +148,8 @@ class Checkpointing:
         self._step_open, self._step_due, self._epoch_due = None, False, None
         self._epoch_closing = False
         self._saved = _position(run)  # a resumed run starts where its checkpoint was saved
+        if run.progress.step == 0:  # a new run (a resumed one had its best value loaded)
+            self.best_value = None
         self._saved_model = None
         self._config_exported = False
         if self._folder is not None and self.hold_interrupts and self.save_on_exception:

@@ -278,3 +278,13 @@ def test_an_error_during_the_epochs_end_keeps_the_previous_checkpoint(tmp_path: 
         _engine(tmp_path, callbacks).fit(FailsInEval(), data(8), data(4))
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
     assert last.meta["progress"] == {"epoch": 0, "step": 2, "batch_in_epoch": 2, "skipped_steps": 0}
+
+
+def test_a_new_run_does_not_inherit_the_previous_runs_best(tmp_path: Path) -> None:
+    checkpointing = Checkpointing(every_n_epochs=None, monitor="score", durable=False)
+    _engine(tmp_path, [Scores([0.1]), checkpointing], epochs=1).fit(DropoutRegressor(), data(8))
+    _engine(tmp_path, [Scores([5.0]), checkpointing], epochs=1, run_name="second").fit(
+        DropoutRegressor(), data(8)
+    )
+    assert (tmp_path / "second" / "model_best.pt").exists()
+    assert checkpointing.best_value == 5.0
