@@ -99,7 +99,10 @@ class Adversarial:
 
     @property
     def loss_keys(self) -> tuple[str, ...]:
-        return self._joint.loss_keys
+        """The generator's loss first; in two-phase mode the discriminator's, which every
+        window reports (an epoch shorter than ``n_critic`` windows has no generator loss)."""
+        keys = self._joint.loss_keys
+        return tuple(reversed(keys)) if self.two_phase else keys
 
     @property
     def joint(self) -> JointUpdates:
