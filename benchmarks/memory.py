@@ -24,7 +24,17 @@ SCRIPT = Path(__file__).resolve()
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size so far.
+
+    On Linux it is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would not do, since a child
+    started by ``subprocess`` inherits its parent's peak at the fork. Elsewhere ``ru_maxrss``
+    (macOS reports bytes, the others KiB).
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
