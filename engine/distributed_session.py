@@ -7,8 +7,8 @@ once, with the run's timeout; later ``fit`` calls in the same process reuse it, 
 destroyed when the process exits. A process group the user initialised before ``fit`` is the
 explicit setting (any backend, any rendezvous): it is used as it is.
 
-The group is not destroyed between two successful fits on purpose: re-creating it races (a fast
-rank can reach the previous rendezvous store before the slowest rank has closed it).
+The group is not destroyed between two fits on purpose: re-creating it races (a fast rank can
+reach the previous rendezvous store before the slowest rank has closed it).
 """
 
 from __future__ import annotations
@@ -83,25 +83,22 @@ def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
 
     Joins the group the environment describes on the first call (later calls, and a group the
     user initialised, are used as they are), or is a single process. A group this joined is
-    destroyed when the process exits (or by ``leave_process_group``). When the block raises,
-    the group is destroyed at once, whoever made it: the other ranks' next collective then
-    fails fast with a ``DistributedError`` instead of waiting for the timeout.
+    destroyed when the process exits (or by ``leave_process_group``).
+
+    An error leaves the group as it is. When the failed rank's process ends (``torchrun`` ends
+    every rank when one fails), its connections close and the other ranks' pending collective
+    fails at once with a ``DistributedError``; if it lives on, they stop at ``timeout_s``.
+    Errors every rank raises alike (a bad config, data that can not be sharded) leave the group
+    usable, so a corrected ``fit`` in the same processes works.
     """
     if not (dist.is_available() and dist.is_initialized()):
         _join(device_name, timeout_s)
     world = current_world()
-    if not world.is_distributed:
-        yield world
-        return
-    # Ranks enter a run together: whatever rank 0 wrote before (a checkpoint to resume from)
-    # is complete before any rank reads it.
-    collective("the opening barrier", world, dist.barrier)
-    try:
-        yield world
-    except BaseException:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise
+    if world.is_distributed:
+        # Ranks enter a run together: whatever rank 0 wrote before (a checkpoint to resume
+        # from) is complete before any rank reads it.
+        collective("the opening barrier", world, dist.barrier)
+    yield world
 
 
 def leave_process_group() -> None:

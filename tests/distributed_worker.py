@@ -10,6 +10,7 @@ fits (each of which joins and leaves the process group: a second ``fit`` in one 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 import traceback
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 import callbacks as callback_package
 import strategies
 from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
-from engine import Engine, EngineConfig, OptimizerSpec
+from engine import DataError, Engine, EngineConfig, OptimizerSpec
 
 N_TRAIN = 48  # 6 global batches of 2 x 4
 N_EVAL = 9  # the last global eval batch leaves rank 1 nothing: no padding, no duplicate
@@ -226,23 +227,56 @@ def state_tensors(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return found
 
 
-def train_strategy(name: str, rank_seed: int, batch_size: int = BATCH, **overrides: Any) -> dict:
+def train_strategy(
+    name: str, rank_seed: int, batch_size: int = BATCH, samples: int = N_TRAIN, **overrides: Any
+) -> dict:
     """Fit strategy ``name`` from a model initialised with ``rank_seed``; what it ended with."""
     factory, needs_discriminator = STRATEGIES[name]
     torch.manual_seed(rank_seed)  # ranks start different: the engine broadcasts rank 0's
     model = Autoencoder(discriminator=needs_discriminator)
     strategy = factory()
-    samples = EpochSamples(model)
-    result = Engine(strategy, config(batch_size=batch_size, **overrides), [samples]).fit(
-        model, train_data(), eval_data()
+    seen = EpochSamples(model)
+    result = Engine(strategy, config(batch_size=batch_size, **overrides), [seen]).fit(
+        model, train_data(samples), eval_data()
     )
     return {
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "optimizer": state_tensors(strategy.state_dict()),
         "history": result.history,
-        "samples": samples.epochs,
-        "eval_samples": samples.eval_epochs,
+        "samples": seen.epochs,
+        "eval_samples": seen.eval_epochs,
     }
+
+
+def random_cases(count: int = 8, seed: int = 5) -> list[dict[str, Any]]:
+    """Seeded random runs (the same list on every rank and in the test process): strategy,
+    data size, batch, drop_last, shuffle, accumulation, clipping, precision, epochs."""
+    rng = random.Random(seed)
+    return [
+        {
+            "name": list(STRATEGIES)[number % len(STRATEGIES)],
+            "samples": rng.randint(6, 40),
+            "batch_size": rng.randint(1, 6),
+            "drop_last": rng.random() < 0.3,
+            "shuffle": rng.random() < 0.8,
+            "accumulate_steps": rng.randint(1, 3),
+            "grad_clip_norm": rng.choice([None, 0.5]),
+            "precision": rng.choice(["fp32", "fp32", "bf16"]),
+            "epochs": rng.randint(1, 2),
+        }
+        for number in range(count)
+    ]
+
+
+def train_case(case: dict[str, Any], rank_seed: int, ranks: int) -> Any:
+    """``train_strategy`` for a ``random_cases`` entry with the global batch of ``ranks``
+    processes of ``case["batch_size"]``; a refusal is returned as ``("DataError", message)``."""
+    values = dict(case)
+    values["batch_size"] = case["batch_size"] * ranks
+    try:
+        return train_strategy(values.pop("name"), rank_seed, **values)
+    except DataError as error:
+        return ("DataError", str(error))
 
 
 def train_resumable(
@@ -275,6 +309,7 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
     for name in STRATEGIES:
         results["strategies"][name] = train_strategy(name, rank_seed=rank)
     results["accumulate"] = train_strategy("Standard", rank_seed=rank, accumulate_steps=2)
+    results["random_cases"] = [train_case(case, rank, ranks=1) for case in random_cases()]
 
     torch.manual_seed(rank)
     model = Autoencoder()

@@ -94,6 +94,27 @@ def test_accumulation_under_two_ranks_matches_one_process(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(worker.random_cases())))
+def test_random_runs_keep_ranks_identical_and_match_one_process_when_shares_are_even(
+    two_ranks: tuple[list[dict[str, Any]], Path], index: int
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    case = worker.random_cases()[index]
+    first, second = rank0["random_cases"][index], rank1["random_cases"][index]
+    if isinstance(first, tuple):  # refused: on every rank, naming the sizes
+        assert first == second and first[0] == "DataError"
+        assert str(case["samples"]) in first[1] and "empty last batch" in first[1]
+        return
+    _assert_bitwise(first["params"], second["params"])
+    _assert_bitwise(first["optimizer"], second["optimizer"])
+    global_batch = 2 * case["batch_size"]
+    even = case["drop_last"] or case["samples"] % global_batch == 0
+    if case["precision"] == "fp32" and even:
+        alone = worker.train_case(case, rank_seed=0, ranks=2)
+        _assert_close(first["params"], alone["params"])
+
+
+@pytest.mark.slow
 def test_every_sample_is_seen_once_per_epoch_across_ranks(
     two_ranks: tuple[list[dict[str, Any]], Path],
 ) -> None:
