@@ -3,10 +3,12 @@
 from engine.config import EngineConfig
 from engine.context import StepContext
 from engine.distributed import World
+from engine.distributed_session import leave_process_group
 from engine.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    DistributedError,
     ModelOutputError,
     NonFiniteLossError,
     StrategyError,
@@ -29,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "Engine",
     "EngineConfig",
     "Event",
@@ -45,4 +48,5 @@ __all__ = [
     "StrategyError",
     "Subscription",
     "World",
+    "leave_process_group",
 ]
