@@ -3,8 +3,9 @@
 A single process is a world of size one, where every operation here is free. Under ``torchrun``
 the environment variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` describe the world
 (``engine/distributed_session.py`` joins it). Every collective here is called by every rank in
-the same order: the strategies and the loop guarantee it, and a rank that fails instead makes
-the others fail with a ``DistributedError`` (never hang).
+the same order: the strategies and the loop guarantee it. A failed or hung rank makes the others'
+pending collective fail with a ``DistributedError`` naming the operation (at once when the failed
+process ends, otherwise at the process group's timeout), never hang.
 
 Parameters are not wrapped in ``DistributedDataParallel``: strategies average gradients
 explicitly, once per optimiser step and per parameter group, after all backward passes of the
