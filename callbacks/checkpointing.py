@@ -68,6 +68,11 @@ def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
 
 
+def _optional_bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true, false or None, got {value!r}")
+
+
 def _mode(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value not in (None, "min", "max"):
         raise ConfigError(f"mode must be one of ['min', 'max', None], got {value!r}")
@@ -107,8 +112,11 @@ class Checkpointing:
     (``save_on_exception``). ``export`` writes ``model_final.pt`` at the end and
     ``model_best.pt`` at each new best, as plain ``state_dict`` files. ``durable=False`` skips
     the fsyncs: a checkpoint still survives the process being killed, not a power cut.
-    ``background`` writes the files in a background thread from a snapshot taken at the save
-    point (see ``engine/checkpoint_writer.py``); saves at the end and on a crash are waited for.
+    ``background`` writes the files in a background thread from a host-memory snapshot taken at
+    the save point (see ``engine/checkpoint_writer.py``); saves at the end and on a crash are
+    waited for. ``None`` (default) chooses it when the model is on an accelerator, whose memory
+    the snapshot does not use; on the CPU the snapshot would be a second copy of the state in
+    the same memory while the write runs, so saves are written in place unless ``True``.
     ``hold_interrupts`` holds a Ctrl-C that comes inside a training step until the step ends, so
     that the interrupt is saved (see ``callbacks/interrupt_hold.py``).
     """
@@ -124,7 +132,7 @@ class Checkpointing:
     export: bool = attrs.field(default=True, validator=_bool)
     directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=_dirname)
     durable: bool = attrs.field(default=True, validator=_bool)
-    background: bool = attrs.field(default=True, validator=_bool)
+    background: bool | None = attrs.field(default=None, validator=_optional_bool)
     hold_interrupts: bool = attrs.field(default=True, validator=_bool)
     priority: int = CHECKPOINT_PRIORITY
     best_value: float | None = attrs.field(default=None, init=False)
@@ -138,6 +146,7 @@ class Checkpointing:
     _writer: BackgroundWriter = attrs.field(factory=BackgroundWriter, init=False)
     _interrupts: InterruptHold = attrs.field(factory=InterruptHold, init=False)
     _config_exported: bool = attrs.field(default=False, init=False)
+    _background: bool = attrs.field(default=False, init=False)
 
     # ---------------------------------------------------------------- events
 
@@ -152,6 +161,8 @@ class Checkpointing:
             self.best_value = None
         self._saved_model = None
         self._config_exported = False
+        device = run.context.device.type if run.context is not None else "cpu"
+        self._background = self.background if self.background is not None else device != "cpu"
         if self._folder is not None and self.hold_interrupts and self.save_on_exception:
             self._interrupts.install()
 
@@ -292,7 +303,7 @@ class Checkpointing:
                 "interval is not finite"
             )
             return
-        if self.background:  # training changes these tensors in place from the next step on
+        if self._background:  # training changes these tensors in place from the next step on
             model_state, training = snapshot(model_state), snapshot(training)
         mode, durable = self._mode(run), self.durable
 
@@ -310,7 +321,7 @@ class Checkpointing:
         run.paths["checkpoint"] = folder / names[0]
 
     def _run_job(self, job: Callable[[], Any]) -> None:
-        if self.background:
+        if self._background:
             self._writer.submit(job)
         else:
             job()

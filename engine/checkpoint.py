@@ -32,11 +32,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
 import torch
+from loguru import logger
 
 from engine.errors import CheckpointError
 
@@ -147,8 +149,9 @@ def write_checkpoint(
     The files are written once into a staging folder; further names get hard links to the same
     files (a copy where links are not supported). Each name is installed by renames only, so an
     existing checkpoint of that name is replaced whole or not at all. ``durable`` fsyncs
-    files and folders (survives a power cut); without it a checkpoint still survives the process
-    being killed at any moment.
+    files and folders (all at once, so that the disk can commit them together) before the
+    renames, and the folder after them: the save survives a power cut. Without it a checkpoint
+    still survives the process being killed at any moment.
     """
     if not names:
         raise CheckpointError(f"write_checkpoint needs at least one name, got {names!r}")
@@ -159,7 +162,7 @@ def write_checkpoint(
     first.mkdir()
 
     def save_file(name: str, write: Callable[[Any], None]) -> FileRecord:
-        return write_atomically(first / name, write, sync_file=durable, sync_folder=False)
+        return write_atomically(first / name, write, sync_file=False, sync_folder=False)
 
     meta_text = json.dumps({"format": FORMAT_VERSION, **meta}, indent=2, default=str)
     records = {
@@ -173,45 +176,61 @@ def write_checkpoint(
         "format": FORMAT_VERSION,
         "files": {name: attrs.asdict(record) for name, record in records.items()},
     }
-    if durable:  # the files' names are on disk before the marker says they are complete
-        fsync_dir(first)
-    save_json_file(first / MARKER, marker, durable)
+    marker_text = json.dumps(marker, indent=2).encode("utf-8")
+    save_file(MARKER, lambda handle: handle.write(marker_text))
     stagings = [first]
     for name in names[1:]:
         staging = directory / f"{STAGING_PREFIX}{name}-{stamp}"
-        _link_folder(first, staging, durable)
+        _link_folder(first, staging)
         stagings.append(staging)
-    installed = []
-    for name, staging in zip(names, stagings):
-        installed.append(_install(staging, directory / name, durable))
+    if durable:
+        fsync_all([first / name for name in (*records, MARKER)] + stagings)
+    replaced = [_install(staging, directory / name) for name, staging in zip(names, stagings)]
+    if durable:
+        fsync_dir(directory)
+    for old in replaced:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     remove_stale_folders(directory)
-    return installed
+    return [directory / name for name in names]
 
 
-def _link_folder(source: Path, target: Path, durable: bool) -> None:
+def fsync_all(paths: list[Path]) -> None:
+    """fsync every file and folder of ``paths`` concurrently (the file system can then commit
+    them in one go instead of one after another)."""
+    with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+        list(pool.map(_fsync_path, paths))
+
+
+def _fsync_path(path: Path) -> None:
+    if path.is_dir():
+        fsync_dir(path)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_folder(source: Path, target: Path) -> None:
     target.mkdir()
     for entry in source.iterdir():
         try:
             os.link(entry, target / entry.name)
         except OSError:
             shutil.copy2(entry, target / entry.name)
-    if durable:
-        fsync_dir(target)
 
 
-def _install(staging: Path, final: Path, durable: bool) -> Path:
-    """Rename a complete staging folder to ``final``, replacing what was there."""
-    parent = final.parent
+def _install(staging: Path, final: Path) -> Path | None:
+    """Rename a complete staging folder to ``final``; the folder it replaced (moved aside, to
+    be removed once the rename is durable), if any."""
     old = None
     if final.exists():
-        old = parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.time_ns()}"
+        old = final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.time_ns()}"
         os.rename(final, old)
     os.rename(staging, final)
-    if durable:
-        fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return old
 
 
 def remove_stale_folders(directory: Path) -> None:
@@ -391,15 +410,28 @@ def complete_checkpoints(directory: Path) -> Iterator[tuple[Path, dict[str, Any]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently saved complete checkpoint of a run folder (hidden staging folders
-    included: a crash between the renames of a save leaves its checkpoint there), or None."""
+    """The most recently saved checkpoint of a run folder whose files match its marker (hidden
+    staging folders included: a crash between the renames of a save leaves its checkpoint
+    there), or None. A newer one that does not verify (a power cut during its save) is passed
+    over for the one before it."""
     found = list(complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR))
-    if not found:
-        return None
     # One save installed under several names shares its time: prefer ``last`` among them.
-    return max(found, key=lambda item: (int(item[1].get("saved_at_ns", 0)), item[0].name == LAST))[
-        0
-    ]
+    found.sort(key=lambda item: (int(item[1].get("saved_at_ns", 0)), item[0].name == LAST))
+    for path, _ in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            logger.warning(f"passing over checkpoint {path}: {error}")
+            continue
+        return path
+    return None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check that every file of checkpoint ``path`` has the size and hash its marker records."""
+    marker = read_marker(path)
+    for name, record in marker["files"].items():
+        _verified_bytes(path / name, record)
 
 
 def resolve_resume(

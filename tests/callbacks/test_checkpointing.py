@@ -245,6 +245,7 @@ def test_only_the_main_process_writes(tmp_path: Path) -> None:
         ({"monitor": ""}, "monitor must be a metric name such as 'eval/loss', got ''"),
         ({"directory": "a/b"}, "directory must be a plain folder name, got 'a/b'"),
         ({"durable": 1}, "durable must be true or false, got 1"),
+        ({"background": "yes"}, "background must be true, false or None, got 'yes'"),
     ],
 )
 def test_bad_options_are_refused_naming_them(options: dict[str, Any], message: str) -> None:

@@ -64,7 +64,9 @@ def _rewrite_marker(checkpoint: Path) -> None:
     (checkpoint / MARKER).write_text(json.dumps(marker))
 
 
-def _resume(tmp: Path, model: torch.nn.Module | None = None, **config: Any) -> None:
+def _resume(
+    tmp: Path, model: torch.nn.Module | None = None, resume: Any = "last", **config: Any
+) -> None:
     settings_ = {
         "epochs": 3,
         "batch_size": 4,
@@ -74,7 +76,7 @@ def _resume(tmp: Path, model: torch.nn.Module | None = None, **config: Any) -> N
     }
     settings_.update(config)
     engine = Engine(Standard(OptimizerSpec("Adam", lr=1e-2)), EngineConfig(**settings_))
-    engine.fit(model if model is not None else TinyRegressor(3), data(10), resume="last")
+    engine.fit(model if model is not None else TinyRegressor(3), data(10), resume=resume)
 
 
 tensors = st.builds(
@@ -142,7 +144,7 @@ def test_a_truncated_file_is_refused_naming_it(tmp_path: Path) -> None:
     model_file.write_bytes(content[: len(content) // 2])
     before = _folder_bytes(run_dir)
     with pytest.raises(CheckpointError, match=r"last/model\.pt is truncated or corrupt"):
-        _resume(tmp_path)
+        _resume(tmp_path, resume=model_file.parent)
     assert _folder_bytes(run_dir) == before
 
 
@@ -242,3 +244,18 @@ def test_a_changed_precision_is_refused(tmp_path: Path) -> None:
     _train(tmp_path)
     with pytest.raises(CheckpointError, match=r"precision 'fp32' \(no GradScaler\); this run has"):
         _resume(tmp_path, precision="fp16")
+
+
+def test_a_newer_checkpoint_torn_by_a_power_cut_is_passed_over(tmp_path: Path) -> None:
+    """Marker on disk but a file short (its data never reached the disk): ``last`` resolution
+    takes the checkpoint before it."""
+    folder = tmp_path / "checkpoints"
+    (older,) = write_checkpoint(
+        folder, ["epoch-0001"], {"w": torch.zeros(2)}, {}, {"saved_at_ns": 1}
+    )
+    (newer,) = write_checkpoint(folder, ["last"], {"w": torch.ones(2)}, {}, {"saved_at_ns": 2})
+    torn = newer / MODEL_FILE
+    content = torn.read_bytes()
+    torn.unlink()
+    torn.write_bytes(content[:10])
+    assert latest_checkpoint(tmp_path) == older

@@ -45,7 +45,7 @@ def train(output_dir: Path) -> dict[str, Any]:
     history = MetricsHistory()
     # Not durable: a killed process loses nothing the page cache holds; only a power cut needs
     # the fsyncs (and they would make each save wait on this machine's disk).
-    checkpointing = Checkpointing(every_n_steps=1, keep_periodic=2, durable=False)
+    checkpointing = Checkpointing(every_n_steps=1, keep_periodic=2, durable=False, background=True)
     engine = Engine(strategy, config, [history, checkpointing])
     resume = "last" if latest_checkpoint(output_dir / "run") is not None else None
     fitted = engine.fit(model, data(30), resume=resume)

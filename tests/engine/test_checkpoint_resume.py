@@ -53,11 +53,11 @@ def _config(tmp: Path, epochs: int, batch_size: int, accumulate: int, **extra: A
     )
 
 
-def _callbacks(every_n_steps: int | None) -> list[Any]:
+def _callbacks(every_n_steps: int | None, background: bool = False) -> list[Any]:
     return [
         MetricsHistory(),
         EarlyStopping(patience=1000),
-        Checkpointing(every_n_steps=every_n_steps, best_k=1, durable=False),
+        Checkpointing(every_n_steps=every_n_steps, best_k=1, durable=False, background=background),
     ]
 
 
@@ -82,6 +82,7 @@ def _fit(engine: Engine, model: torch.nn.Module, train: Any, resume: str | None)
     every_n_steps=st.sampled_from([None, 1, 2, 3]),
     how=st.sampled_from(INTERRUPTIONS),
     where=st.floats(0.0, 1.0),
+    background=st.booleans(),
 )
 def test_resumed_run_equals_uninterrupted_run(
     tmp_path_factory: pytest.TempPathFactory,
@@ -94,6 +95,7 @@ def test_resumed_run_equals_uninterrupted_run(
     every_n_steps: int | None,
     how: str,
     where: float,
+    background: bool,
 ) -> None:
     tmp = tmp_path_factory.mktemp("resume")
     train = data(samples)
@@ -118,7 +120,7 @@ def test_resumed_run_equals_uninterrupted_run(
     engine_b = Engine(
         strategy_b,
         _config(tmp / "b", epochs, batch_size, accumulate, **extra, **monitor),
-        [*_callbacks(every_n_steps), Interrupt(how, k, stop_epoch)],
+        [*_callbacks(every_n_steps, background), Interrupt(how, k, stop_epoch)],
     )
     _fit(engine_b, model_b, train, None)
 
