@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -443,6 +444,17 @@ def test_one_process_without_a_launcher_is_a_world_of_one(
     monkeypatch.delenv("RANK", raising=False)
     with process_group("cpu", 10.0) as world:
         assert world == World()
+
+
+def test_a_process_group_the_user_made_is_used_and_left_alone(tmp_path: Path) -> None:
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with process_group("cpu", 5.0) as world:
+            assert world == World()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("value", [0, -1.5, "10", True, None])
