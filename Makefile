@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
 	touch $@
 
+# `make demo` trains the VAE; `make demo CONFIGS=all` (or a list of .toml files) runs others.
+CONFIGS ?=
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(CONFIGS)
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -348,9 +348,13 @@ def _print_run_folder(run_dir: Path | None) -> None:
         print("no run folder (engine.output_dir is unset)")
         return
     print(f"run folder: {run_dir}")
-    for path in sorted(run_dir.rglob("*")):
-        if path.is_file():
-            print(f"  {path.relative_to(run_dir)}  ({path.stat().st_size:,} bytes)")
+    for path in sorted(run_dir.iterdir()):
+        for entry in sorted(path.iterdir()) if path.is_dir() else [path]:
+            files = [f for f in entry.rglob("*") if f.is_file()] if entry.is_dir() else [entry]
+            size = sum(f.stat().st_size for f in files)
+            name = entry.relative_to(run_dir).as_posix() + ("/" if entry.is_dir() else "")
+            count = f"{len(files)} files, " if entry.is_dir() else ""
+            print(f"  {name}  ({count}{size:,} bytes)")
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -1,38 +1,32 @@
-"""`make demo`: train a small VAE on scikit-learn's bundled digits and show what the run wrote."""
+"""`make demo`: run the command line on example configs and show what each run wrote.
+
+``python examples/demo.py`` trains the VAE of ``examples/configs/vae_digits.toml``;
+``python examples/demo.py examples/configs/aae_digits.toml ...`` runs those configs, and
+``python examples/demo.py all`` every config in ``examples/configs``. Each run is exactly
+``strategy-engine fit CONFIG``, which ends by printing the run folder and its files.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
-from engine import Engine, EngineConfig, OptimizerSpec, SchedulerSpec
-from examples.data import digits
-from examples.models import VAE
-from strategies import Standard
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT = CONFIGS / "vae_digits.toml"
 
 
-def main() -> None:
-    engine = Engine(
-        strategy=Standard(
-            OptimizerSpec("Adam", lr=2e-3),
-            scheduler=SchedulerSpec("ReduceLROnPlateau", monitor="eval/loss", patience=2),
-            metrics=("reconstruction_loss", "reg_loss"),
-        ),
-        config=EngineConfig(
-            epochs=20, batch_size=64, seed=0, output_dir="runs", run_name="vae-digits", log_every=10
-        ),
-        callbacks=[ProgressBar(), ConsoleMetrics(), MetricsHistory()],
-    )
-    result = engine.fit(VAE(input_shape=(1, 8, 8), latent_dim=8), digits("train"), digits("eval"))
-    print(f"\nbest {result.monitor} = {result.best_value:.3f} at epoch {result.best_epoch + 1}")
-    print(f"run folder: {result.run_dir}")
-    if result.run_dir is not None:
-        for path in sorted(result.run_dir.rglob("*")):
-            print(f"  {path.relative_to(result.run_dir)}")
+def main(argv: list[str]) -> int:
+    from engine.cli import main as cli
+
+    configs = [DEFAULT] if not argv else sorted(CONFIGS.glob("*.toml")) if argv == ["all"] else argv
+    for config in configs:
+        print(f"\n=== strategy-engine fit {config}")
+        code = cli(["fit", str(config)])
+        if code:
+            return code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    raise SystemExit(main(sys.argv[1:]))
