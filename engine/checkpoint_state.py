@@ -89,20 +89,44 @@ def capture(
 
 
 def _check_same_run(checkpoint: LoadedCheckpoint, config: EngineConfig, world: World) -> None:
+    """The data order must be the same: the same seed, shuffle, drop_last and accumulation, and
+    the same batch per process; or, at an epoch boundary, another number of processes with the
+    same global batch (``batch_size * world_size``: every global batch then holds the same
+    samples, split differently)."""
     saved = checkpoint.meta.get("config", {})
     current = config.to_dict()
     for field in SAME_RUN_FIELDS:
-        if field in saved and saved[field] != current[field]:
-            raise CheckpointError(
-                f"checkpoint {checkpoint.path} was written with {field}={saved[field]!r}; this "
-                f"run has {field}={current[field]!r}. Resuming would not continue the same run "
-                f"(these fields must match: {list(SAME_RUN_FIELDS)})"
-            )
-    saved_world = checkpoint.meta.get("world_size", 1)
-    if saved_world != world.world_size:
+        if field == "batch_size" or field not in saved or saved[field] == current[field]:
+            continue
         raise CheckpointError(
-            f"checkpoint {checkpoint.path} was written by {saved_world} process(es); this run "
-            f"has {world.world_size}: each rank's share of the data would differ"
+            f"checkpoint {checkpoint.path} was written with {field}={saved[field]!r}; this "
+            f"run has {field}={current[field]!r}. Resuming would not continue the same run "
+            f"(these fields must match: {list(SAME_RUN_FIELDS)})"
+        )
+    saved_world = int(checkpoint.meta.get("world_size", 1))
+    saved_batch = saved.get("batch_size", config.batch_size)
+    if saved_world == world.world_size:
+        if saved_batch != config.batch_size:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written with batch_size={saved_batch!r}; this "
+                f"run has batch_size={config.batch_size!r}. Resuming would not continue the same "
+                f"run (these fields must match: {list(SAME_RUN_FIELDS)})"
+            )
+        return
+    saved_global, global_batch = saved_batch * saved_world, config.batch_size * world.world_size
+    if saved_global != global_batch:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written by {saved_world} process(es) with "
+            f"batch_size={saved_batch} (global batch {saved_global}); this run has "
+            f"{world.world_size} with batch_size={config.batch_size} (global batch "
+            f"{global_batch}): the global batch must stay the same"
+        )
+    position = checkpoint.meta.get("progress", {}).get("batch_in_epoch", 0)
+    if position != 0:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was saved at batch {position} of an epoch by "
+            f"{saved_world} process(es); a run with {world.world_size} can resume only from "
+            "a checkpoint saved at an epoch boundary"
         )
 
 

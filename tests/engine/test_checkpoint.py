@@ -259,3 +259,31 @@ def test_a_newer_checkpoint_torn_by_a_power_cut_is_passed_over(tmp_path: Path) -
     torn.unlink()
     torn.write_bytes(content[:10])
     assert latest_checkpoint(tmp_path) == older
+
+
+def _as_if_written_by(checkpoint: Path, world_size: int, batch_size: int) -> None:
+    meta_file = checkpoint / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["world_size"], meta["config"]["batch_size"] = world_size, batch_size
+    meta_file.unlink()  # a hard link shared with other checkpoints: replace it
+    meta_file.write_text(json.dumps(meta))
+    _rewrite_marker(checkpoint)
+
+
+def test_another_world_size_needs_the_same_global_batch_and_an_epoch_boundary(
+    tmp_path: Path,
+) -> None:
+    """2 processes x batch 2 == 1 process x batch 4 at an epoch boundary; not mid-epoch, and
+    not with another global batch."""
+    run_dir = _train(tmp_path)
+    epoch = run_dir / "checkpoints" / "epoch-0001"
+    _as_if_written_by(epoch, world_size=2, batch_size=2)
+    with pytest.raises(CheckpointError, match=r"global batch 4\); this run has 1 with batch_size"):
+        _resume(tmp_path, resume=epoch, batch_size=2)
+    _resume(tmp_path, resume=epoch, batch_size=4)
+
+    _train(tmp_path / "mid", max_steps=2)
+    last = tmp_path / "mid" / "run" / "checkpoints" / "last"
+    _as_if_written_by(last, world_size=2, batch_size=2)
+    with pytest.raises(CheckpointError, match=r"saved at batch 2 of an epoch by 2 process"):
+        _resume(tmp_path / "mid", resume=last, batch_size=4)
