@@ -141,8 +141,7 @@ class JointUpdates:
         updates = self.updates
         if ctx.nonfinite == "skip":
             present = [loss for loss in losses if loss is not None]
-            finite = not present or losses_are_finite(present)
-            if not all_ranks_agree([finite], ctx.world)[0]:  # every rank skips together
+            if not losses_are_finite(present, ctx.world):
                 skip_step(updates, ctx)
                 return False
         pairs = []

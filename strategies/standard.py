@@ -68,7 +68,7 @@ class Standard:
         assert update is not None, "Engine.fit calls setup() before train_step()"
         outputs = ctx.forward(model, batch)
         loss = ctx.read_loss(outputs, self.loss_key)
-        if ctx.nonfinite == "skip" and not losses_are_finite([loss]):
+        if ctx.nonfinite == "skip" and not losses_are_finite([loss], ctx.world):
             return skip_step([update], ctx)
         backward([(update, loss)], ctx, isolate=False)
         apply_updates([update], ctx)

@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from engine.context import StepContext
-from engine.distributed import average_gradients
+from engine.distributed import World, all_ranks_agree, average_gradients
 from engine.errors import ConfigError
 from engine.specs import OptimizerSpec, SchedulerSpec
 
@@ -88,9 +88,14 @@ def build_update(
     return Update(spec, list(params), optimizer, scheduler)
 
 
-def losses_are_finite(losses: Sequence[torch.Tensor]) -> bool:
-    """True when every loss is finite. Reads the device: used only by ``nonfinite="skip"``."""
-    return bool(torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all())
+def losses_are_finite(losses: Sequence[torch.Tensor], world: World) -> bool:
+    """True when every loss is finite on every rank, so that all ranks skip a batch together
+    (a rank that skipped alone would leave the others waiting in the gradient all-reduce).
+    Reads the device: used only by ``nonfinite="skip"``."""
+    finite = not losses or bool(
+        torch.isfinite(torch.stack([loss.detach().float() for loss in losses])).all()
+    )
+    return all_ranks_agree([finite], world)[0]
 
 
 def skip_step(updates: Sequence[Update], ctx: StepContext) -> dict[str, torch.Tensor]:
