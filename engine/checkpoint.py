@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import attrs
 import torch
@@ -68,24 +68,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingWriter:
-    """A write-only file wrapper that counts and hashes what passes through it."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self.size += view.nbytes
-        return self.handle.write(view)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
 @attrs.frozen
 class FileRecord:
     """What the ``COMPLETE`` marker remembers of one file."""
@@ -94,23 +76,34 @@ class FileRecord:
     sha256: str
 
 
-def write_atomically(
-    path: Path, write: Callable[[Any], None], sync_file: bool = True, sync_folder: bool = True
-) -> FileRecord:
-    """Write ``path`` through ``write(handle)`` into a temporary file of the same folder, fsync
-    it, rename it over ``path`` and fsync the folder; return its size and hash.
+def file_record(path: Path) -> FileRecord:
+    """Size and sha256 of the file at ``path`` (read back in chunks: just written, it is in the
+    page cache)."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileRecord(size, digest.hexdigest())
 
+
+def write_atomically(
+    path: Path, write: Callable[[Path], None], sync_file: bool = True, sync_folder: bool = True
+) -> FileRecord:
+    """Write ``path`` through ``write(temporary_path)`` into a temporary file of the same
+    folder, fsync it, rename it over ``path`` and fsync the folder; return its size and hash.
+
+    ``write`` gets a path, not a handle, so that ``torch.save`` takes its fast native path.
     ``sync_folder=False`` leaves the folder's fsync to the caller (a staging folder is synced
     once, after its last file). Without ``sync_file`` the write still survives the process
     being killed (the rename is atomic), but not a power cut."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with temporary.open("wb") as handle:
-            writer = _HashingWriter(handle)
-            write(writer)
-            handle.flush()
-            if sync_file:
-                os.fsync(handle.fileno())
+        write(temporary)
+        record = file_record(temporary)
+        if sync_file:
+            _fsync_path(temporary)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -118,19 +111,19 @@ def write_atomically(
         raise
     if sync_folder:
         fsync_dir(path.parent)
-    return FileRecord(writer.size, writer.sha256.hexdigest())
+    return record
 
 
 def save_torch_file(path: Path, payload: Any, sync: bool = True) -> FileRecord:
     """``torch.save(payload)`` to ``path``, atomically (fsynced, with its folder, if ``sync``)."""
-    return write_atomically(path, lambda handle: torch.save(payload, handle), sync, sync)
+    return write_atomically(path, lambda target: torch.save(payload, str(target)), sync, sync)
 
 
 def save_json_file(path: Path, payload: Any, sync: bool = True) -> FileRecord:
     """``payload`` as indented JSON to ``path``, atomically (fsynced, with its folder, if
     ``sync``)."""
     text = json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8")
-    return write_atomically(path, lambda handle: handle.write(text), sync, sync)
+    return write_atomically(path, lambda target: _write_bytes(target, text), sync, sync)
 
 
 # ------------------------------------------------------------------ writing a checkpoint
@@ -161,23 +154,23 @@ def write_checkpoint(
     first = directory / f"{STAGING_PREFIX}{names[0]}-{stamp}"
     first.mkdir()
 
-    def save_file(name: str, write: Callable[[Any], None]) -> FileRecord:
+    def save_file(name: str, write: Callable[[Path], None]) -> FileRecord:
         return write_atomically(first / name, write, sync_file=False, sync_folder=False)
 
     meta_text = json.dumps({"format": FORMAT_VERSION, **meta}, indent=2, default=str)
     records = {
-        MODEL_FILE: save_file(MODEL_FILE, lambda handle: torch.save(dict(model_state), handle)),
+        MODEL_FILE: save_file(MODEL_FILE, lambda to: torch.save(dict(model_state), str(to))),
         TRAINING_FILE: save_file(
-            TRAINING_FILE, lambda handle: torch.save(dict(training_state), handle)
+            TRAINING_FILE, lambda to: torch.save(dict(training_state), str(to))
         ),
-        META_FILE: save_file(META_FILE, lambda handle: handle.write(meta_text.encode("utf-8"))),
+        META_FILE: save_file(META_FILE, lambda to: _write_bytes(to, meta_text.encode("utf-8"))),
     }
     marker = {
         "format": FORMAT_VERSION,
         "files": {name: attrs.asdict(record) for name, record in records.items()},
     }
     marker_text = json.dumps(marker, indent=2).encode("utf-8")
-    save_file(MARKER, lambda handle: handle.write(marker_text))
+    save_file(MARKER, lambda to: _write_bytes(to, marker_text))
     stagings = [first]
     for name in names[1:]:
         staging = directory / f"{STAGING_PREFIX}{name}-{stamp}"
@@ -193,6 +186,10 @@ def write_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     remove_stale_folders(directory)
     return [directory / name for name in names]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
 
 
 def fsync_all(paths: list[Path]) -> None:
