@@ -52,8 +52,10 @@ class TensorBoard:
             )
         from torch.utils.tensorboard import SummaryWriter
 
-        assert run.run_dir is not None or self.log_dir is not None
-        folder = Path(self.log_dir) if self.log_dir is not None else run.run_dir / "tensorboard"  # type: ignore[operator]
+        folder = Path(self.log_dir) if self.log_dir is not None else None
+        if folder is None and run.run_dir is not None:
+            folder = run.run_dir / "tensorboard"
+        assert folder is not None
         self._writer = SummaryWriter(log_dir=str(folder))
         run.paths["tensorboard"] = folder
 

@@ -257,3 +257,16 @@ VALID = {
         {"name": "ProgressBar", "disable": True},
     ],
 }
+
+
+def test_importing_the_engine_and_its_cli_loads_no_strategy_callback_or_tracker() -> None:
+    code = (
+        "import sys, engine, engine.cli; "
+        "print(sorted(m for m in ('strategies', 'callbacks', 'matplotlib', 'tensorboard', "
+        "'mlflow', 'wandb') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]"
