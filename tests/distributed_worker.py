@@ -9,6 +9,7 @@ fits (each of which joins and leaves the process group: a second ``fit`` in one 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
@@ -211,6 +212,18 @@ class EpochSamples:
         self.model.eval_seen.clear()
 
 
+class StepHashes:
+    """A digest of every parameter's bytes after each step: ranks must agree at every step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.digests: list[str] = []
+
+    def on_batch_end(self, run: Any) -> None:
+        flat = torch.cat([p.detach().flatten() for p in self.model.parameters()])
+        self.digests.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+
+
 def state_tensors(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor (and number) inside nested dicts and lists, by its path."""
     found: dict[str, torch.Tensor] = {}
@@ -235,8 +248,8 @@ def train_strategy(
     torch.manual_seed(rank_seed)  # ranks start different: the engine broadcasts rank 0's
     model = Autoencoder(discriminator=needs_discriminator)
     strategy = factory()
-    seen = EpochSamples(model)
-    result = Engine(strategy, config(batch_size=batch_size, **overrides), [seen]).fit(
+    seen, hashes = EpochSamples(model), StepHashes(model)
+    result = Engine(strategy, config(batch_size=batch_size, **overrides), [seen, hashes]).fit(
         model, train_data(samples), eval_data()
     )
     return {
@@ -245,6 +258,7 @@ def train_strategy(
         "history": result.history,
         "samples": seen.epochs,
         "eval_samples": seen.eval_epochs,
+        "step_digests": hashes.digests,
     }
 
 
