@@ -110,9 +110,17 @@ def interleave(
     ]
 
 
+def paired_ratio(timing: Timing, base: Timing) -> float:
+    """Median over rounds of ``timing``'s time divided by ``base``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(timing.ms_per_step, base.ms_per_step))
+
+
 def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:
-    """A markdown table of ms/step (median, min-max), ratio to ``floor`` (of the medians, and
-    of the minimums: the least disturbed runs, steadier on a busy machine), samples/s, memory."""
+    """A markdown table of ms/step (median, min-max), ratio to ``floor``, samples/s, memory.
+
+    The ratio is the median over rounds of each round's ratio (the runs of a round are
+    adjacent in time, so a load that drifts over the run cancels out), and beside it the ratio
+    of the minimums (the least disturbed runs)."""
     base = next(t for t in timings if t.name == floor)
     lines = [
         f"**{title}**",
@@ -125,7 +133,7 @@ def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:
         memory = "-" if t.peak_bytes is None else f"{t.peak_bytes / 2**20:.1f} MiB"
         lines.append(
             f"| {t.name} | {t.batch_size} | {t.median:.3f} | {t.low:.3f}-{t.high:.3f} | "
-            f"{t.median / base.median:.3f} | {t.low / base.low:.3f} | "
+            f"{paired_ratio(t, base):.3f} | {t.low / base.low:.3f} | "
             f"{t.samples_per_second:,.0f} | {memory} |"
         )
     return "\n".join(lines)
