@@ -287,3 +287,14 @@ def test_another_world_size_needs_the_same_global_batch_and_an_epoch_boundary(
     _as_if_written_by(last, world_size=2, batch_size=2)
     with pytest.raises(CheckpointError, match=r"saved at batch 2 of an epoch by 2 process"):
         _resume(tmp_path / "mid", resume=last, batch_size=4)
+
+
+def test_resume_without_an_output_folder_trains_on_and_writes_nothing(tmp_path: Path) -> None:
+    run_dir = _train(tmp_path)
+    before = _folder_bytes(tmp_path)
+    config = EngineConfig(epochs=3, batch_size=4, device="cpu", output_dir=None)
+    result = Engine(Standard(OptimizerSpec("Adam", lr=1e-2)), config).fit(
+        TinyRegressor(3), data(10), resume=run_dir
+    )
+    assert (result.steps, result.run_dir) == (9, None)
+    assert _folder_bytes(tmp_path) == before
