@@ -13,10 +13,11 @@ Layout of a run folder (``output_dir/<run-name>/``)::
             meta.json          format version, config, progress, saved_at, monitor value
             COMPLETE           written last: size and sha256 of every other file
 
-Every file is written to a temporary name in the same folder, fsynced and renamed; a checkpoint
-is staged in a hidden folder (``.staging-*``) and renamed into place only once its ``COMPLETE``
-marker is on disk, so a crash at any moment leaves each visible checkpoint either complete or
-untouched. A folder without a valid marker is never loaded.
+Every file is written to a temporary name in the same folder and renamed; a checkpoint is
+staged in a hidden folder (``.staging-*``) and renamed into place only once its ``COMPLETE``
+marker is written and (``durable``) every file and folder of it is fsynced, so a crash at any
+moment leaves each visible checkpoint either complete or untouched. A folder without a valid
+marker is never loaded; ``latest_checkpoint`` also passes over one whose files do not match it.
 
 Reading verifies the marker's sizes and hashes before ``torch.load(weights_only=True)``: a
 truncated, corrupt or code-carrying file is refused with a ``CheckpointError`` naming it.
