@@ -39,7 +39,7 @@ from engine.checkpoint import (
     write_checkpoint,
 )
 from engine.checkpoint_export import export_config, export_weights
-from engine.checkpoint_state import capture
+from engine.checkpoint_state import capture, gather_rank_states
 from engine.checkpoint_writer import BackgroundWriter, snapshot
 from engine.errors import ConfigError, NonFiniteLossError
 from engine.events import CHECKPOINT_PRIORITY
@@ -181,7 +181,9 @@ class Checkpointing:
             self._step_due = True
         if self._step_due and _window_reason(run) is None:
             self._step_due = False
-            self._save(run, self._periodic_names(f"step-{progress.step:08d}"), None)
+            names = self._periodic_names(f"step-{progress.step:08d}")
+            if names:
+                self._save(run, names, None, rank_states=_gather_ranks(run))
         self._epoch_closing = progress.batch_in_epoch == run.steps_per_epoch
 
     def on_eval_start(self, run: RunState) -> None:
@@ -204,12 +206,13 @@ class Checkpointing:
         self._interrupts.uninstall()
         try:
             self._save_due_epoch(run)
-            if self.save_last and _position(run) != self._saved:
-                reason = self._inconsistency(run)
-                if reason is None:
-                    self._save(run, [LAST], None)
-                else:
-                    run.log.warning(f"no final checkpoint: {reason}")
+            reason = self._inconsistency(run)
+            if self.save_last and reason is None:
+                rank_states = _gather_ranks(run)  # on every rank, whether or not rank 0 saves
+                if _position(run) != self._saved:
+                    self._save(run, [LAST], None, rank_states=rank_states)
+            elif self.save_last and _position(run) != self._saved:
+                run.log.warning(f"no final checkpoint: {reason}")
         finally:
             self._writer.close()
         if self._folder is not None and self.export:
@@ -241,8 +244,8 @@ class Checkpointing:
                 f"of step {self._saved[0] if self._saved else 'none'} stays the latest"
             )
             return
-        try:
-            self._save_due_epoch(run)
+        try:  # (no collective here: the other ranks may not be raising)
+            self._save_due_epoch(run, gather=False)
             if self.save_last and _position(run) != self._saved:
                 self._save(run, [LAST], None)
             self._writer.close()
@@ -260,9 +263,12 @@ class Checkpointing:
 
     # ---------------------------------------------------------------- saving
 
-    def _save_due_epoch(self, run: RunState) -> None:
+    def _save_due_epoch(self, run: RunState, gather: bool = True) -> None:
         due, self._epoch_due = self._epoch_due, None
-        if due is None or self._folder is None:
+        if due is None:
+            return
+        rank_states = _gather_ranks(run) if gather else None  # every rank, same epochs
+        if self._folder is None:
             return
         epoch = run.progress.epoch
         names = self._periodic_names(f"epoch-{epoch:04d}") if due.periodic else []
@@ -274,7 +280,7 @@ class Checkpointing:
             names.insert(0, LAST)
         export_best = due.new_best and self.export
         if names:
-            self._save(run, names, due.value, export_best)
+            self._save(run, names, due.value, export_best, rank_states)
         elif export_best:
             state = snapshot(run.model.state_dict())
             target = self._folder.parent / "model_best.pt"
@@ -291,12 +297,17 @@ class Checkpointing:
         return names
 
     def _save(
-        self, run: RunState, names: list[str], value: float | None, export_best: bool = False
+        self,
+        run: RunState,
+        names: list[str],
+        value: float | None,
+        export_best: bool = False,
+        rank_states: list[dict[str, Any]] | None = None,
     ) -> None:
         folder = self._folder
         if folder is None or not names:
             return
-        model_state, training, meta = capture(run, run.engine.callbacks, value)
+        model_state, training, meta = capture(run, run.engine.callbacks, value, rank_states)
         if run.config.nonfinite == "raise" and not _pending_finite(training):
             run.log.warning(
                 f"checkpoint at step {run.progress.step} skipped: a loss since the last log "
@@ -406,6 +417,12 @@ class Checkpointing:
             run.paths["model_config"] = path
 
 
+def _gather_ranks(run: RunState) -> list[dict[str, Any]] | None:
+    """Every rank's RNG streams and unread metrics under several processes (all ranks call this
+    at the same points), so that each rank resumes its own; None in one process."""
+    return gather_rank_states(run)
+
+
 def _position(run: RunState) -> tuple[int, int, int]:
     progress = run.progress
     return (progress.step, progress.epoch, progress.batch_in_epoch)
@@ -424,9 +441,11 @@ def _window_reason(run: RunState) -> str | None:
 
 
 def _pending_finite(training: Mapping[str, Any]) -> bool:
-    buffer = training.get("metric_buffer") or {}
-    for entry in buffer.get("pending", {}).values():
-        values = entry["values"]
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-            return False
+    buffers = [training.get("metric_buffer")]
+    buffers += [rank["metric_buffer"] for rank in training.get("rank_states") or []]
+    for buffer in buffers:
+        for entry in (buffer or {}).get("pending", {}).values():
+            values = entry["values"]
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                return False
     return True

@@ -50,19 +50,48 @@ def stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
     return found
 
 
-def capture(
-    run: RunState, callbacks: Iterable[Any], monitor_value: float | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """The model state, the training state and the meta record of ``run`` as it is now."""
-    ctx = run.context
+def rank_state(run: RunState) -> dict[str, Any]:
+    """What differs between the ranks of a run: their RNG streams and unread metrics."""
     buffer = run.metric_buffer
+    return {
+        "rng": rng_states(),
+        "metric_buffer": None if buffer is None else buffer.state_dict(),
+    }
+
+
+def gather_rank_states(run: RunState) -> list[dict[str, Any]] | None:
+    """Every rank's ``rank_state``, by rank (a collective: every rank calls it at the same
+    point); None in a single process."""
+    world = run.context.world if run.context is not None else None
+    if world is None or not world.is_distributed:
+        return None
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * world.world_size
+    dist.all_gather_object(states, rank_state(run))
+    return states
+
+
+def capture(
+    run: RunState,
+    callbacks: Iterable[Any],
+    monitor_value: float | None = None,
+    rank_states: list[dict[str, Any]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """The model state, the training state and the meta record of ``run`` as it is now.
+
+    ``rank_states`` (from ``gather_rank_states``) keeps every rank's random streams and unread
+    metrics; without it only this process's are kept."""
+    ctx = run.context
+    own = rank_state(run) if rank_states is None else rank_states[0]
     model_state = {key: value.detach().cpu() for key, value in run.model.state_dict().items()}
     training = {
         "strategy": run.strategy.state_dict(),
         "scaler": None if ctx is None or ctx.scaler is None else ctx.scaler.state_dict(),
         "progress": run.progress.state_dict(),
-        "metric_buffer": None if buffer is None else buffer.state_dict(),
-        "rng": rng_states(),
+        "metric_buffer": own["metric_buffer"],
+        "rng": own["rng"],
+        "rank_states": rank_states,
         "callbacks": {key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()},
         "run": {
             "history": [dict(record) for record in run.history],
@@ -248,17 +277,24 @@ def restore_training(
 
 
 def restore_run(checkpoint: LoadedCheckpoint, run: RunState) -> None:
-    """Put back the run's history, best value, metric buffer and, last, the RNG streams."""
+    """Put back the run's history, best value, metric buffer and, last, the RNG streams (this
+    rank's own where the checkpoint holds every rank's)."""
     try:
         saved = checkpoint.training_state["run"]
         run.history[:] = [dict(record) for record in saved["history"]]
         run.best_value = saved["best_value"]
         run.best_epoch = saved["best_epoch"]
-        buffer_state = checkpoint.training_state["metric_buffer"]
+        own = checkpoint.training_state
+        per_rank = own.get("rank_states")
+        world = run.context.world if run.context is not None else None
+        if per_rank is not None and world is not None and len(per_rank) == world.world_size:
+            own = per_rank[world.rank]
+        # (else one process, or saved without the other ranks' states: rank 0's)
+        buffer_state = own["metric_buffer"]
         if run.metric_buffer is not None and buffer_state is not None:
             device = run.context.device if run.context is not None else torch.device("cpu")
             run.metric_buffer.load_state_dict(buffer_state, device)
-        set_rng_states(checkpoint.training_state["rng"])
+        set_rng_states(own["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
             f"checkpoint file {checkpoint.path / 'training.pt'} has a malformed run state "
