@@ -327,6 +327,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set engine.epochs=5 (repeatable)",
     )
+    overrides.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (torch.set_num_threads); 1 is fastest for small models "
+        "on a busy machine. Default: torch's choice",
+    )
     fit_parser = commands.add_parser("fit", parents=[overrides], help="train from a config")
     fit_parser.add_argument("config", help="a .toml or .json run config")
     resume_parser = commands.add_parser(
@@ -399,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+            torch.set_num_threads(args.threads)
         _run(args)
     except (ConfigError, DataError, CheckpointError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)

@@ -143,6 +143,7 @@ def test_evaluate_and_predict_use_the_trained_weights(tmp_path: Path, capsys: An
         (["evaluate", "{config}", "--weights", "{tmp}/none.pt"], "no weights file at"),
         (["predict", "{config}", "--weights", "{tmp}/w.pt"], "predict needs --output FILE"),
         (["resume", "{tmp}"], "resume needs a run folder holding config.toml"),
+        (["fit", "{config}", "--threads", "0"], "--threads must be a positive integer, got 0"),
         (["fit", "{tmp}/missing.toml"], "can not read config file"),
         (["fit", "{config}", "--set", "engine.epochs=0"], "epochs must be a positive integer"),
         (["fit", "{config}", "--set", "strategy.name=Magic"], "'Magic' is not a strategy"),
