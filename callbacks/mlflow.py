@@ -38,12 +38,15 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 def run_params(run: RunState, extra: Mapping[str, Any]) -> dict[str, Any]:
     """What trackers record as a run's parameters: the engine config, the strategy's class and
-    the model's class, and whatever the user adds (the CLI adds the whole resolved config)."""
+    the model's class, the run config the CLI resolved (``run.extra["run_config"]``, when the
+    run came from a config file) and whatever the user adds."""
     params: dict[str, Any] = {
         "engine": run.config.to_dict(),
         "strategy": type(run.strategy).__name__,
         "model": type(run.model).__name__,
     }
+    if "run_config" in run.extra:
+        params["config"] = run.extra["run_config"]
     params.update(extra)
     return params
 

@@ -48,6 +48,7 @@ IMAGE_BATCH_SIZE = 16
 # Callbacks a fit gets unless the config lists one of the same name (whose arguments then win).
 DEFAULT_CALLBACKS = ("ProgressBar", "ConsoleMetrics", "MetricsHistory", "Checkpointing")
 USAGE_ERROR = 2
+RUN_CONFIG_KEY = "run_config"
 
 
 @attrs.define
@@ -219,12 +220,14 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
 @attrs.define(eq=False)
 class RunFiles:
     """Writes the resolved config as ``config.toml`` into the run folder at FIT_START, on rank
-    0 (a resumed run rewrites it with the overrides it was resumed with)."""
+    0 (a resumed run rewrites it with the overrides it was resumed with), and lends it to the
+    trackers as ``run.extra["run_config"]``; its priority puts it before them."""
 
     raw_config: dict[str, Any]
     priority: int = 100
 
     def on_fit_start(self, run: RunState) -> None:
+        run.extra[RUN_CONFIG_KEY] = self.raw_config  # trackers log it as the run's parameters
         if run.run_dir is None or not run.is_main_process:
             return
         path = run.run_dir / CONFIG_FILENAME

@@ -228,3 +228,19 @@ def test_a_tracker_without_a_folder_is_an_error_naming_the_setting(tmp_path: Pat
     )
     with pytest.raises(ConfigError, match=r"TensorBoard needs a folder: give log_dir=.*None"):
         engine.fit(VAE(input_shape=(1, 4, 4), latent_dim=2, hidden=8), images(8, 0))
+
+
+def test_tracker_params_hold_the_cli_run_config_flattened() -> None:
+    from callbacks.mlflow import flatten_params, run_params
+
+    run: Any = SimpleNamespace(
+        config=EngineConfig(epochs=3),
+        strategy=Standard(OptimizerSpec("Adam", lr=1e-3)),
+        model=VAE(),
+        extra={"run_config": {"model": {"factory": "examples.models:VAE", "latent_dim": 8}}},
+    )
+    params = flatten_params(run_params(run, {"note": [1, 2]}))
+    assert params["config.model.factory"] == "examples.models:VAE"
+    assert params["config.model.latent_dim"] == "8"
+    assert params["engine.epochs"] == "3" and params["strategy"] == "Standard"
+    assert params["note"] == "[1, 2]" and "engine.max_steps" not in params

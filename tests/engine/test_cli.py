@@ -271,3 +271,18 @@ def test_importing_the_engine_and_its_cli_loads_no_strategy_callback_or_tracker(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "[]"
+
+
+def test_callbacks_that_show_images_get_the_first_eval_samples(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = small_config(tmp_path)
+    raw = read_toml(config.read_text())
+    raw["callbacks"] += [{"name": "TensorBoard"}, {"name": "Plots", "dpi": 20}]
+    config.write_text(dump_toml(raw))
+    assert main(["fit", str(config), "--set", "engine.epochs=1"]) == 0
+    accumulator = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"images": 0})
+    accumulator.Reload()
+    (inputs,) = accumulator.Images("images/inputs")
+    assert (inputs.width, inputs.height) == (8 * 5 - 1, 2 * 5 - 1)  # 16 samples, 8 per row
+    assert (tmp_path / "r" / "plots" / "images.png").is_file()
