@@ -16,6 +16,7 @@ from a run folder.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -98,7 +99,14 @@ def build_strategy(config: RunConfig) -> Any:
             f"strategy.name {spec.name!r} is not a strategy; choose one of {sorted(known)} "
             "or give an import path 'package.module:Class'"
         )
-    ref = FactoryRef("strategy", spec.name, {**spec.args, **_role_arguments(cls, spec)})
+    roles = _role_arguments(cls, spec)
+    clashes = sorted(set(spec.args) & set(roles))
+    if clashes:
+        raise ConfigError(
+            f"[strategy] sets {clashes} directly; give optimisers and schedulers in "
+            "[strategy.optimizers.ROLE] and [strategy.schedulers.ROLE] tables instead"
+        )
+    ref = FactoryRef("strategy", spec.name, {**spec.args, **roles})
     check_arguments("strategy", cls, ref.args)
     return call_factory(ref, cls)
 
@@ -107,8 +115,6 @@ def _role_arguments(cls: Any, spec: Any) -> dict[str, Any]:
     """Optimiser and scheduler specs as the strategy's constructor takes them: a single-role
     strategy (``Standard``) takes ``optimizer``/``scheduler`` for role ``model``; a multi-role
     one takes ``<role>`` (the optimiser) and ``<role>_scheduler`` for each of its roles."""
-    import inspect
-
     accepted = set(inspect.signature(cls).parameters)
     roles = sorted(spec.optimizers)
     if "optimizer" in accepted:
@@ -154,8 +160,6 @@ def build_callbacks(config: RunConfig, image_batch: Any, defaults: Sequence[str]
 
 
 def _takes(target: Any, name: str) -> bool:
-    import inspect
-
     try:
         return name in inspect.signature(target).parameters
     except (TypeError, ValueError):

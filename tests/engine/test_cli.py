@@ -144,6 +144,7 @@ def test_evaluate_and_predict_use_the_trained_weights(tmp_path: Path, capsys: An
         (["predict", "{config}", "--weights", "{tmp}/w.pt"], "predict needs --output FILE"),
         (["resume", "{tmp}"], "resume needs a run folder holding config.toml"),
         (["fit", "{config}", "--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["fit", "{config}", "--set", "strategy.optimizer=1"], "[strategy] sets ['optimizer']"),
         (["fit", "{tmp}/missing.toml"], "can not read config file"),
         (["fit", "{config}", "--set", "engine.epochs=0"], "epochs must be a positive integer"),
         (["fit", "{config}", "--set", "strategy.name=Magic"], "'Magic' is not a strategy"),
