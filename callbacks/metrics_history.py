@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,13 +16,26 @@ from engine.state import RunState
 class MetricsHistory:
     """``history`` holds one dict per epoch; each is also one line of ``metrics.jsonl``.
 
-    Its state (the history) is part of a checkpoint, so a resumed run continues the same file
-    and list.
+    Its state (the history) is part of a checkpoint. A new run starts an empty history; a
+    resumed run (restored before FIT_START) rewrites ``metrics.jsonl`` from the restored history,
+    so the lines written after its checkpoint, by the run that stopped, are not repeated.
     """
 
     filename: str = "metrics.jsonl"
     priority: int = 0
     history: list[dict[str, float]] = attrs.field(factory=list)
+
+    def on_fit_start(self, run: RunState) -> None:
+        if run.progress.step == 0:
+            self.history = []
+            return
+        if run.run_dir is None or not run.is_main_process:
+            return
+        path = run.run_dir / self.filename
+        staging = path.with_name(f".{self.filename}.tmp")
+        staging.write_text("".join(json.dumps(record) + "\n" for record in self.history))
+        os.replace(staging, path)
+        run.paths["metrics"] = path
 
     def on_epoch_end(self, run: RunState) -> None:
         record = dict(run.epoch_metrics)

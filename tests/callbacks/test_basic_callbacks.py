@@ -80,3 +80,31 @@ def test_progress_bar_is_silent_off_the_main_process(capsys) -> None:  # type: i
     engine.on(Event.FIT_START, lambda run: setattr(run, "is_main_process", False), priority=100)
     engine.fit(TinyRegressor(), torch.randn(8, 4))
     assert "epoch 1/1" not in capsys.readouterr().err
+
+
+def test_resumed_run_rewrites_metrics_jsonl_without_repeated_epochs(tmp_path: Path) -> None:
+    from callbacks import Checkpointing
+
+    def engine(epochs: int) -> Engine:
+        return Engine(
+            Standard(OptimizerSpec("SGD", lr=0.05)),
+            EngineConfig(output_dir=tmp_path, run_name="r", epochs=epochs, batch_size=4),
+            [MetricsHistory(), Checkpointing(every_n_epochs=1)],
+        )
+
+    data = torch.randn(8, 4)
+    first = engine(3).fit(TinyRegressor(), data)
+    # pretend the run was killed after epoch 3's line was written but resume from epoch 2
+    checkpoints = sorted((first.run_dir / "checkpoints").glob("epoch-*"))
+    resumed = engine(4).fit(TinyRegressor(), data, resume=checkpoints[1])
+    records = [
+        json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+
+
+def test_a_second_fit_starts_an_empty_history() -> None:
+    history = MetricsHistory()
+    _fit([history], None, epochs=2, batch_size=4)
+    _fit([history], None, epochs=1, batch_size=4)
+    assert len(history.history) == 1
