@@ -45,7 +45,11 @@ def machine() -> str:
 
 def speed(args: argparse.Namespace, device: torch.device, peers: list[str]) -> list[str]:
     sections = []
-    for name in args.workloads:
+    # Workloads with peers last: importing Lightning, Ignite or pythae slows the engine's Python
+    # by a few percent for the rest of the process (measured; cause not found), and the peers
+    # are imported when their first workload starts.
+    order = sorted(args.workloads, key=lambda name: bool(peers) and WORKLOADS[name].peers)
+    for name in order:
         workload = WORKLOADS[name]
         samples = max(256, int(workload.samples * args.scale))
         data = workload.data(samples)
