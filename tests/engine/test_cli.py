@@ -108,6 +108,20 @@ def test_resume_continues_the_run_as_if_never_stopped(tmp_path: Path) -> None:
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_resume_refused_by_the_checkpoint_leaves_the_run_folder_as_it_was(
+    tmp_path: Path, capsys: Any
+) -> None:
+    config = small_config(tmp_path)
+    assert main(["fit", str(config), "--set", "engine.epochs=1"]) == 0
+    run_dir = tmp_path / "r"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["resume", str(run_dir), "--set", "engine.batch_size=7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "batch_size" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_resume_without_a_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: Any) -> None:
     config = small_config(tmp_path)
     run_dir = tmp_path / "copy"
