@@ -95,14 +95,20 @@ def without_time(path: Path) -> list[dict[str, float]]:
 
 
 def test_resume_continues_the_run_as_if_never_stopped(tmp_path: Path) -> None:
+    """Early stopping (in "max" mode a falling loss never improves) stops both runs after their
+    second epoch: the resumed one only if its counters came back from the checkpoint."""
     config = small_config(tmp_path)
-    assert main(["fit", str(config), "--set", "engine.epochs=3", "--set", "engine.run_name=a"]) == 0
+    raw = read_toml(config.read_text())
+    stopper = {"name": "EarlyStopping", "monitor": "train/loss", "mode": "max", "patience": 1}
+    raw["callbacks"].append(stopper)
+    config.write_text(dump_toml(raw))
+    assert main(["fit", str(config), "--set", "engine.epochs=4", "--set", "engine.run_name=a"]) == 0
     assert main(["fit", str(config), "--set", "engine.epochs=1", "--set", "engine.run_name=b"]) == 0
-    assert main(["resume", str(tmp_path / "b"), "--set", "engine.epochs=3"]) == 0
-    assert without_time(tmp_path / "a" / "metrics.jsonl") == without_time(
-        tmp_path / "b" / "metrics.jsonl"
-    )
-    assert read_toml((tmp_path / "b" / "config.toml").read_text())["engine"]["epochs"] == 3
+    assert main(["resume", str(tmp_path / "b"), "--set", "engine.epochs=4"]) == 0
+    history = without_time(tmp_path / "a" / "metrics.jsonl")
+    assert len(history) == 2
+    assert history == without_time(tmp_path / "b" / "metrics.jsonl")
+    assert read_toml((tmp_path / "b" / "config.toml").read_text())["engine"]["epochs"] == 4
     a = torch.load(tmp_path / "a" / "model_final.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model_final.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
