@@ -171,9 +171,16 @@ class Engine:
         )
         with log_file(run_dir):
             try:
+                if world.is_main:
+                    run.log.info(_describe_start(model, config, device, world, run_dir))
                 self.bus.fire(Event.FIT_START, run)
                 self._run_epochs(run, step_model, ctx, train_batches, eval_batches)
                 self.bus.fire(Event.FIT_END, run)
+                if world.is_main:
+                    run.log.info(
+                        f"fit done: {progress.step} steps, {progress.epoch} epochs, "
+                        f"best {run.monitor}={run.best_value}"
+                    )
             except BaseException as error:
                 run.exception = error
                 self.bus.fire(Event.EXCEPTION, run)
@@ -360,6 +367,20 @@ def _check_trainable(model: torch.nn.Module) -> None:
             f"model {type(model).__name__} has no trainable parameters "
             f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad=True)"
         )
+
+
+def _describe_start(
+    model: torch.nn.Module,
+    config: EngineConfig,
+    device: torch.device,
+    world: World,
+    run_dir: Any,
+) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (
+        f"fit start: {type(model).__name__} ({trainable:,} trainable parameters) on {device}, "
+        f"precision {config.precision}, {world.world_size} process(es), run folder {run_dir}"
+    )
 
 
 def _default_monitor(strategy: StepStrategy, has_eval: bool) -> str:
