@@ -71,16 +71,27 @@ class AE(nn.Module):
 class VAE(nn.Module):
     """A Gaussian VAE with a Bernoulli-style reconstruction term (binary cross-entropy).
 
-    ``loss`` = reconstruction + KL, per sample, averaged over the batch; ``sample(n)`` decodes
-    draws from the standard normal prior.
+    ``loss`` = reconstruction + ``beta`` x KL, per sample, averaged over the batch (``beta`` < 1
+    trades prior fit for sharper reconstructions); ``sample(n)`` decodes draws from the standard
+    normal prior.
     """
 
     def __init__(
-        self, input_shape: tuple[int, ...] = (1, 8, 8), latent_dim: int = 8, hidden: int = 128
+        self,
+        input_shape: tuple[int, ...] = (1, 8, 8),
+        latent_dim: int = 8,
+        hidden: int = 128,
+        beta: float = 1.0,
     ) -> None:
         super().__init__()
-        self.config = {"input_shape": list(input_shape), "latent_dim": latent_dim, "hidden": hidden}
+        self.config = {
+            "input_shape": list(input_shape),
+            "latent_dim": latent_dim,
+            "hidden": hidden,
+            "beta": beta,
+        }
         self.latent_dim = latent_dim
+        self.beta = beta
         self.encoder = Encoder(math.prod(input_shape), hidden, latent_dim)
         self.decoder = Decoder(latent_dim, hidden, input_shape)
 
@@ -93,7 +104,7 @@ class VAE(nn.Module):
         recon = F.binary_cross_entropy(recon_x, x, reduction="none").flatten(1).sum(1)
         kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1)
         return {
-            "loss": (recon + kl).mean(),
+            "loss": (recon + self.beta * kl).mean(),
             "reconstruction_loss": recon.mean(),
             "reg_loss": kl.mean(),
             "recon_x": recon_x,
