@@ -38,6 +38,7 @@ from engine.config_file import (
     load_config_file,
     resolve_config,
 )
+from engine.distributed import current_world
 from engine.errors import CheckpointError, ConfigError, DataError
 from engine.loop import Engine
 from engine.seeding import seed_everything
@@ -373,8 +374,11 @@ def _print_run_folder(run_dir: Path | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    """Run the command; only the main process prints (every rank runs it under torchrun)."""
     if args.command == "fit":
         result = fit(args.config, args.overrides)
+        if not current_world().is_main:
+            return
         if result.best_value is not None and result.best_epoch is not None:
             print(
                 f"best {result.monitor} = {result.best_value:.4g} at epoch {result.best_epoch + 1}"
@@ -382,13 +386,16 @@ def _run(args: argparse.Namespace) -> None:
         _print_run_folder(result.run_dir)
     elif args.command == "resume":
         result = resume(args.run_dir, args.overrides)
-        _print_run_folder(result.run_dir)
+        if current_world().is_main:
+            _print_run_folder(result.run_dir)
     elif args.command == "evaluate":
         metrics = evaluate(args.target, args.overrides, args.weights, args.split)
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        if current_world().is_main:
+            print(json.dumps(metrics, indent=2, sort_keys=True))
     else:
         path = predict(args.target, args.output, args.overrides, args.weights, args.split)
-        print(f"predictions: {path}")
+        if current_world().is_main:
+            print(f"predictions: {path}")
 
 
 def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> FitResult:
