@@ -155,7 +155,7 @@ class JointUpdates:
                 )
             pairs.append((update, loss))
         if pairs:
-            backward_isolated(pairs, ctx)
+            backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
         apply_updates(updates, ctx)
         return True
 

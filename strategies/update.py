@@ -126,12 +126,18 @@ def backward(
         update.pending = True
 
 
-def backward_isolated(pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext) -> None:
+def backward_isolated(
+    pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext, every_group: bool = False
+) -> None:
     """``backward(pairs, isolate=True)``, with one backward per distinct loss tensor.
 
     Groups trained on the very same loss (pythae's RAE_L2 returns one tensor as both
     ``encoder_loss`` and ``decoder_loss``) share one backward into the union of their
     parameters: isolation then costs no extra backward. Distinct losses each get their own.
+    ``every_group`` says that ``pairs`` holds every group of the strategy (which together cover
+    all trainable parameters): then one loss shared by all of them is back-propagated without
+    ``inputs=``, which reaches the same parameters and spares autograd's input bookkeeping
+    (about 5% of a step of a small model).
     """
     merged: list[tuple[torch.Tensor, list[Update]]] = []
     for update, loss in pairs:
@@ -147,8 +153,13 @@ def backward_isolated(pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepCon
             loss = loss / ctx.micro_count
         if ctx.scaler is not None:
             loss = ctx.scaler.scale(loss)
-        params = sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
-        loss.backward(inputs=params, retain_graph=index < last)
+        if every_group and len(merged) == 1:
+            loss.backward()
+        else:
+            params = (
+                sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
+            )
+            loss.backward(inputs=params, retain_graph=index < last)
         for update in sharers:
             update.pending = True
 
