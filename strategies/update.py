@@ -136,8 +136,7 @@ def backward_isolated(
     parameters: isolation then costs no extra backward. Distinct losses each get their own.
     ``every_group`` says that ``pairs`` holds every group of the strategy (which together cover
     all trainable parameters): then one loss shared by all of them is back-propagated without
-    ``inputs=``, which reaches the same parameters and spares autograd's input bookkeeping
-    (about 5% of a step of a small model).
+    ``inputs=``, which reaches the same parameters and spares autograd's input bookkeeping.
     """
     merged: list[tuple[torch.Tensor, list[Update]]] = []
     for update, loss in pairs:
