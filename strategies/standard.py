@@ -15,7 +15,7 @@ from strategies.update import (
     Update,
     UpdateSpec,
     apply_updates,
-    backward,
+    backward_isolated,
     build_update,
     end_epoch_schedulers,
     learning_rates,
@@ -70,7 +70,7 @@ class Standard:
         loss = ctx.read_loss(outputs, self.loss_key)
         if ctx.nonfinite == "skip" and not losses_are_finite([loss], ctx.world):
             return skip_step([update], ctx)
-        backward([(update, loss)], ctx, isolate=False)
+        backward_isolated([(update, loss)], ctx, every_group=True)
         apply_updates([update], ctx)
         return self._metrics(outputs, loss, ctx)
 

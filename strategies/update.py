@@ -3,7 +3,7 @@
 An ``UpdateSpec`` says what the user chose for a role (which loss trains it, with which
 optimiser, scheduler and clipping); ``build_update`` binds it to a parameter group on a device.
 The functions below are the optimiser mechanics shared by all strategies, in the order a step
-uses them: ``backward`` (isolated per group, scaled, accumulated), then ``apply_updates``
+uses them: ``backward_isolated`` (isolated per group, scaled, accumulated), then ``apply_updates``
 (average across ranks, unscale, clip, step, zero, per-step schedulers, one scaler update).
 """
 
@@ -106,30 +106,16 @@ def skip_step(updates: Sequence[Update], ctx: StepContext) -> dict[str, torch.Te
     return {}
 
 
-def backward(
-    pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext, isolate: bool = True
-) -> None:
-    """Accumulate into each group the gradient of its own loss only.
-
-    With ``isolate``, each loss is back-propagated into its own group's parameters alone
-    (``backward(inputs=...)``), so a loss never leaks into another group's gradient; the graph is
-    kept until the last loss. Losses are divided by the accumulation window's size and scaled by
-    the run's GradScaler when there is one.
-    """
-    last = len(pairs) - 1
-    for index, (update, loss) in enumerate(pairs):
-        if ctx.micro_count > 1:
-            loss = loss / ctx.micro_count
-        if ctx.scaler is not None:
-            loss = ctx.scaler.scale(loss)
-        loss.backward(inputs=update.params if isolate else None, retain_graph=index < last)
-        update.pending = True
-
-
 def backward_isolated(
     pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext, every_group: bool = False
 ) -> None:
-    """``backward(pairs, isolate=True)``, with one backward per distinct loss tensor.
+    """Accumulate into each group the gradient of its own loss only.
+
+    Each loss is back-propagated into its own group's parameters alone (``backward(inputs=...)``),
+    so a loss never leaks into another group's gradient; the graph is kept until the last loss.
+    Losses are divided by the accumulation window's size and scaled by the run's GradScaler when
+    there is one. All backwards happen before any step (``apply_updates``), so every gradient is
+    taken at the same parameters.
 
     Groups trained on the very same loss (pythae's RAE_L2 returns one tensor as both
     ``encoder_loss`` and ``decoder_loss``) share one backward into the union of their
