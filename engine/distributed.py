@@ -164,7 +164,8 @@ def start_gradient_average(
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter], world: World) -> None:
     """Replace each gradient by its mean over the ranks (see ``start_gradient_average``)."""
-    start_gradient_average(parameters, world).wait()
+    if world.is_distributed:
+        start_gradient_average(parameters, world).wait()
 
 
 def _grad(param: torch.nn.Parameter) -> torch.Tensor:
