@@ -38,23 +38,22 @@ FEATURES = 6
 # ------------------------------------------------------------------ models
 
 
-class Recorder(nn.Module):
-    """Remembers the ``index`` of every sample it sees, in training and in evaluation."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[int] = []
-        self.eval_seen: list[int] = []
-
-    def record(self, batch: dict[str, torch.Tensor]) -> None:
-        (self.seen if self.training else self.eval_seen).extend(batch["index"].tolist())
+def record(
+    batch: dict[str, torch.Tensor], training: bool, seen: list[int], eval_seen: list[int]
+) -> None:
+    """Remembers the ``index`` of every sample of ``batch``: in ``seen`` while training, in
+    ``eval_seen`` in evaluation."""
+    (seen if training else eval_seen).extend(batch["index"].tolist())
 
 
-class Autoencoder(Recorder):
-    """Deterministic AE; optional ``discriminator`` on the code for the adversarial roles."""
+class Autoencoder(nn.Module):
+    """Deterministic AE; optional ``discriminator`` on the code for the adversarial roles.
+    Records the ``index`` of every sample it sees, in training and in evaluation."""
 
     def __init__(self, discriminator: bool = False) -> None:
         super().__init__()
+        self.seen: list[int] = []
+        self.eval_seen: list[int] = []
         self.encoder = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 3))
         self.decoder = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, FEATURES))
         self.discriminator = (
@@ -62,7 +61,7 @@ class Autoencoder(Recorder):
         )
 
     def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
-        self.record(batch)
+        record(batch, self.training, self.seen, self.eval_seen)
         x = batch["data"]
         z = self.encoder(x)
         recon = (self.decoder(z) - x).pow(2).sum(1).mean()
@@ -81,18 +80,21 @@ class Autoencoder(Recorder):
         return out
 
 
-class PartlyUsed(Recorder):
-    """``extra`` gets a gradient only where ``use_extra`` is set (one rank); ``unused`` never."""
+class PartlyUsed(nn.Module):
+    """``extra`` gets a gradient only where ``use_extra`` is set (one rank); ``unused`` never.
+    Records the ``index`` of every sample it sees, as ``Autoencoder`` does."""
 
     def __init__(self, use_extra: bool) -> None:
         super().__init__()
+        self.seen: list[int] = []
+        self.eval_seen: list[int] = []
         self.linear = nn.Linear(FEATURES, FEATURES)
         self.extra = nn.Parameter(torch.ones(FEATURES))
         self.unused = nn.Parameter(torch.ones(FEATURES))
         self.use_extra = use_extra
 
     def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
-        self.record(batch)
+        record(batch, self.training, self.seen, self.eval_seen)
         x = batch["data"]
         y = self.linear(x)
         if self.use_extra:
@@ -112,7 +114,7 @@ class Normed(nn.Module):
         return {"loss": (self.body(x) - x.flip(1)).pow(2).mean()}
 
 
-class FailsAtStep(Recorder):
+class FailsAtStep(nn.Module):
     """Raises in its forward at training step ``fail_at`` (counted from 0) when armed."""
 
     def __init__(self, fail_at: int | None) -> None:
@@ -200,7 +202,7 @@ def config(**overrides: Any) -> EngineConfig:
 class EpochSamples:
     """Moves the model's recorded sample indices into one list per epoch."""
 
-    def __init__(self, model: Recorder) -> None:
+    def __init__(self, model: Autoencoder) -> None:
         self.model = model
         self.epochs: list[list[int]] = []
         self.eval_epochs: list[list[int]] = []

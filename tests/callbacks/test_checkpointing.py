@@ -23,11 +23,14 @@ from engine import (
     RunState,
 )
 from engine.checkpoint import load_checkpoint
+from engine.context import ForwardFn
 from strategies import Standard
 from tests.engine.checkpoint_cases import DropoutRegressor, data, equal
 
 
-def _engine(tmp: Path, callbacks: list[Any], **config: Any) -> Engine:
+def _engine(
+    tmp: Path, callbacks: list[Any], forward: ForwardFn | None = None, **config: Any
+) -> Engine:
     settings_ = {
         "epochs": 2,
         "batch_size": 4,
@@ -36,7 +39,9 @@ def _engine(tmp: Path, callbacks: list[Any], **config: Any) -> Engine:
         "run_name": "run",
     }
     settings_.update(config)
-    return Engine(Standard(OptimizerSpec("Adam", lr=1e-2)), EngineConfig(**settings_), callbacks)
+    return Engine(
+        Standard(OptimizerSpec("Adam", lr=1e-2)), EngineConfig(**settings_), callbacks, forward
+    )
 
 
 def _names(tmp: Path) -> list[str]:
@@ -133,39 +138,37 @@ def test_an_error_after_a_completed_step_saves_last_at_that_step(
     assert _step_of(tmp_path / "run" / "checkpoints" / "last") == 3
 
 
-class FailingModel(DropoutRegressor):
-    """Raises inside its forward (inside ``train_step``) at call ``fail_at``."""
+class FailingForward:
+    """The engine's forward, raising (inside ``train_step``) at call ``fail_at``."""
 
     def __init__(self, fail_at: int) -> None:
-        super().__init__()
         self.calls, self.fail_at = 0, fail_at
 
-    def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def __call__(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
         self.calls += 1
         if self.calls == self.fail_at:
             raise RuntimeError("failure inside the step")
-        return super().forward(batch, **kwargs)
+        return model(batch, **kwargs)
 
 
 def test_an_error_inside_train_step_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     callbacks = [Checkpointing(every_n_steps=2, best_k=0, durable=False)]
     with pytest.raises(RuntimeError, match="failure inside the step"):
-        _engine(tmp_path, callbacks).fit(FailingModel(fail_at=4), data(8))
+        _engine(tmp_path, callbacks, FailingForward(fail_at=4)).fit(DropoutRegressor(), data(8))
     assert _step_of(tmp_path / "run" / "checkpoints" / "last") == 2
 
 
-class CtrlCAt(DropoutRegressor):
-    """Sends itself SIGINT (as Ctrl-C does) inside its forward at call ``at``."""
+class CtrlCAt:
+    """The engine's forward, sending the process SIGINT (as Ctrl-C does) at call ``at``."""
 
     def __init__(self, at: int) -> None:
-        super().__init__()
         self.calls, self.at = 0, at
 
-    def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def __call__(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
         self.calls += 1
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGINT)
-        return super().forward(batch, **kwargs)
+        return model(batch, **kwargs)
 
 
 @pytest.mark.parametrize("hold", [True, False])
@@ -177,21 +180,20 @@ def test_ctrl_c_inside_a_step_is_held_until_the_step_ends_and_saved(
     checkpointing = Checkpointing(every_n_steps=2, best_k=0, durable=False, hold_interrupts=hold)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        _engine(tmp_path, [checkpointing]).fit(CtrlCAt(at=3), data(16))
+        _engine(tmp_path, [checkpointing], CtrlCAt(at=3)).fit(DropoutRegressor(), data(16))
     assert signal.getsignal(signal.SIGINT) is before
     assert _step_of(tmp_path / "run" / "checkpoints" / "last") == (3 if hold else 2)
 
 
-class NanAfter(DropoutRegressor):
-    """Returns a NaN loss from forward call ``nan_at`` on."""
+class NanAfter:
+    """The engine's forward, returning a NaN loss from call ``nan_at`` on."""
 
     def __init__(self, nan_at: int) -> None:
-        super().__init__()
         self.calls, self.nan_at = 0, nan_at
 
-    def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def __call__(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        outputs = super().forward(batch, **kwargs)
+        outputs = model(batch, **kwargs)
         if self.calls >= self.nan_at:
             outputs["loss"] = outputs["loss"] * float("nan")
         return outputs
@@ -202,7 +204,9 @@ def test_a_nonfinite_loss_leaves_the_last_good_checkpoint_intact(tmp_path: Path)
     steps 3 and 4 are skipped, and no checkpoint holds the poisoned weights."""
     callbacks = [Checkpointing(every_n_steps=1, best_k=0, durable=False)]
     with pytest.raises(NonFiniteLossError):
-        _engine(tmp_path, callbacks, log_every=4).fit(NanAfter(nan_at=3), data(16))
+        _engine(tmp_path, callbacks, NanAfter(nan_at=3), log_every=4).fit(
+            DropoutRegressor(), data(16)
+        )
     checkpoints = tmp_path / "run" / "checkpoints"
     assert _step_of(checkpoints / "last") == 2
     for path in checkpoints.iterdir():
@@ -263,20 +267,18 @@ def test_a_monitor_missing_from_the_metrics_is_an_error_naming_them(tmp_path: Pa
     assert _step_of(tmp_path / "run" / "checkpoints" / "last") == 2
 
 
-class FailsInEval(DropoutRegressor):
-    """Raises in evaluation (``model.training`` is False)."""
-
-    def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        if not self.training:
-            raise RuntimeError("failure in evaluation")
-        return super().forward(batch, **kwargs)
+def fails_in_eval(model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
+    """The engine's forward, raising in evaluation (``model.training`` is False)."""
+    if not model.training:
+        raise RuntimeError("failure in evaluation")
+    return model(batch, **kwargs)
 
 
 def test_an_error_during_the_epochs_end_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """The epoch's train means are already taken when evaluation runs: no save there."""
     callbacks = [Checkpointing(every_n_steps=1, best_k=0, durable=False)]
     with pytest.raises(RuntimeError, match="failure in evaluation"):
-        _engine(tmp_path, callbacks).fit(FailsInEval(), data(8), data(4))
+        _engine(tmp_path, callbacks, fails_in_eval).fit(DropoutRegressor(), data(8), data(4))
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
     assert last.meta["progress"] == {"epoch": 0, "step": 2, "batch_in_epoch": 2, "skipped_steps": 0}
 

@@ -97,9 +97,13 @@ def test_evaluation_changes_no_parameter_optimizer_state_or_rng(seed: int, sampl
 
 
 def test_evaluation_inside_fit_does_not_shift_the_training_rng() -> None:
-    class Noisy(TinyRegressor):  # a stand-in for a VAE that samples in eval too
+    class Noisy(nn.Module):  # a stand-in for a VAE that samples in eval too
+        def __init__(self) -> None:
+            super().__init__()
+            self.regressor = TinyRegressor()
+
         def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-            out = super().forward(batch)
+            out = self.regressor(batch)
             out["loss"] = out["loss"] + 0.01 * torch.randn(()).abs()
             return out
 

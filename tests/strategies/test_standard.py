@@ -178,9 +178,13 @@ def test_state_dict_round_trip_restores_optimizer_state() -> None:
 
 
 def test_extra_metrics_are_logged() -> None:
-    class WithParts(TinyRegressor):
+    class WithParts(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.regressor = TinyRegressor()
+
         def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-            out = super().forward(batch)
+            out = self.regressor(batch)
             out["part"] = out["loss"] * 2
             return out
 
