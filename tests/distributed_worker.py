@@ -399,7 +399,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) -> None:
+def set_rank_environment(rank: int, world_size: int, port: int) -> None:
+    """What torchrun would set for this rank on one machine; one torch thread per rank."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -408,6 +409,10 @@ def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) ->
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) -> None:
+    set_rank_environment(rank, world_size, port)
     out = Path(folder)
     try:
         result = SCENARIOS[scenario](rank, out)

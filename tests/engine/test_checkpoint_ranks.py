@@ -7,8 +7,6 @@ where an uninterrupted two-rank run ends, random streams included.
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.distributed_worker import free_port, set_rank_environment
 from tests.engine.checkpoint_cases import equal
 
 WORLD_SIZE = 2
@@ -49,14 +48,7 @@ def _fit(folder: Path, name: str, max_steps: int | None, resume: str | None, see
 
 
 def _entry(rank: int, port: int, folder: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    set_rank_environment(rank, WORLD_SIZE, port)
     out = Path(folder)
     try:
         reference = _fit(out, "reference", None, None, seed=0)
@@ -68,19 +60,13 @@ def _entry(rank: int, port: int, folder: str) -> None:
     torch.save({"reference": reference, "resumed": resumed}, out / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_ranks_resume_mid_epoch_exactly_with_their_own_random_streams(
     tmp_path: Path,
 ) -> None:
     mp.start_processes(
         _entry,
-        args=(_free_port(), str(tmp_path)),
+        args=(free_port(), str(tmp_path)),
         nprocs=WORLD_SIZE,
         start_method="spawn",
         join=True,
