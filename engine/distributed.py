@@ -116,6 +116,7 @@ class PendingAverage:
                 if count == 0:
                     self.params[index].grad = None
         self.flats = []
+        self.works = []
 
 
 def start_gradient_average(
