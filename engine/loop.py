@@ -38,6 +38,7 @@ from engine.protocols import StepStrategy
 from engine.run_dir import create_run_dir, log_file
 from engine.seeding import seed_everything
 from engine.state import FitResult, Progress, RunState
+from engine.windows import in_windows
 
 # The name under which evaluation's sample count travels with its metric sums.
 _SAMPLES = "\x00samples"
@@ -213,13 +214,20 @@ class Engine:
             started = time.perf_counter()
             fire(Event.EPOCH_START, run)
             model.train()
-            batches_this_epoch = _batches_to_run(steps_per_epoch, progress, config.max_steps)
+            first = progress.batch_in_epoch
+            limit = None if config.max_steps is None else first + config.max_steps - progress.step
+            placed = in_windows(
+                train_batches.epoch(epoch, start=first),
+                first,
+                _known_total(steps_per_epoch, limit),
+                limit,
+                config.accumulate_steps,
+                ctx.world,
+            )
             finished_epoch = True
-            for batch in train_batches.epoch(epoch, start=progress.batch_in_epoch):
+            for batch, micro_index, micro_count in placed:
                 fire(Event.BATCH_START, run)
-                _place_in_window(
-                    ctx, progress.batch_in_epoch, batches_this_epoch, config.accumulate_steps
-                )
+                ctx.micro_index, ctx.micro_count = micro_index, micro_count
                 metrics = train_step(model, batch, ctx)
                 buffer.add(progress.step, metrics)
                 progress.step += 1
@@ -387,24 +395,11 @@ def _default_monitor(strategy: StepStrategy, has_eval: bool) -> str:
     return f"{'eval' if has_eval else 'train'}/{strategy.loss_keys[0]}"
 
 
-def _batches_to_run(
-    steps_per_epoch: int | None, progress: Progress, max_steps: int | None
-) -> int | None:
-    """How many batches this epoch will run in all (counting those already done), if known."""
-    if steps_per_epoch is None:
-        return None
-    if max_steps is None:
+def _known_total(steps_per_epoch: int | None, limit: int | None) -> int | None:
+    """How many batches this epoch runs in all (counting those already done), if known."""
+    if steps_per_epoch is None or limit is None:
         return steps_per_epoch
-    return min(steps_per_epoch, progress.batch_in_epoch + max_steps - progress.step)
-
-
-def _place_in_window(ctx: StepContext, index: int, total: int | None, accumulate: int) -> None:
-    """Set the batch's place in its accumulation window (the last window may be shorter)."""
-    if accumulate == 1:
-        return
-    window_start = index - index % accumulate
-    ctx.micro_index = index - window_start
-    ctx.micro_count = accumulate if total is None else min(accumulate, total - window_start)
+    return min(steps_per_epoch, limit)
 
 
 def _track_best(run: RunState, metrics: Mapping[str, float], epoch: int, mode: str) -> None:

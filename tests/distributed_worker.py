@@ -186,6 +186,17 @@ class MapDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         return {key: value[index] for key, value in self.data.items()}
 
 
+class Stream(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):
+    """The first ``n`` samples of ``train_data()`` as a stream: no length, one per rank."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Any:
+        data = train_data()
+        return ({key: value[index] for key, value in data.items()} for index in range(self.n))
+
+
 def config(**overrides: Any) -> EngineConfig:
     values: dict[str, Any] = {
         "epochs": 2,
@@ -326,6 +337,17 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
         results["strategies"][name] = train_strategy(name, rank_seed=rank)
     results["accumulate"] = train_strategy("Standard", rank_seed=rank, accumulate_steps=2)
     results["random_cases"] = [train_case(case, rank, ranks=1) for case in random_cases()]
+
+    # Streams of unequal length (9 and 6 batches): windows of 4, every rank runs 4 + 2 steps.
+    torch.manual_seed(0)
+    model = Autoencoder()
+    uneven = Engine(strategies.Standard(_adam()), config(epochs=1, accumulate_steps=4)).fit(
+        model, Stream(BATCH * (9 if rank == 0 else 6))
+    )
+    results["uneven_streams"] = {
+        "steps": uneven.steps,
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
 
     torch.manual_seed(rank)
     model = Autoencoder()

@@ -98,6 +98,27 @@ def test_accumulation_under_two_ranks_matches_one_process(
 
 
 @pytest.mark.slow
+def test_streams_of_unequal_length_run_the_same_steps_on_every_rank(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    """An IterableDataset per rank, 9 and 6 batches long, with windows of 4: both ranks run the
+    shortest stream's 6 steps (a full window and a short one, stepped) and stay identical."""
+    (rank0, rank1), _ = two_ranks
+    assert rank0["uneven_streams"]["steps"] == rank1["uneven_streams"]["steps"] == 6
+    _assert_bitwise(rank0["uneven_streams"]["params"], rank1["uneven_streams"]["params"])
+    # Both streams start with the same samples, so the average is one process on the first 24
+    # samples, in order, as a tensor (whose short last window is stepped by arithmetic).
+    torch.manual_seed(0)
+    alone = worker.Autoencoder()
+    first = {key: value[: 6 * worker.BATCH] for key, value in worker.train_data().items()}
+    Engine(
+        strategies.Standard(OptimizerSpec("Adam", lr=1e-2)),
+        worker.config(epochs=1, accumulate_steps=4, shuffle=False),
+    ).fit(alone, first)
+    _assert_close(rank0["uneven_streams"]["params"], alone.state_dict())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(worker.random_cases())))
 def test_random_runs_keep_ranks_identical_and_match_one_process_when_shares_are_even(
     two_ranks: tuple[list[dict[str, Any]], Path], index: int

@@ -1,0 +1,77 @@
+"""Each training batch's place in its gradient-accumulation window.
+
+With ``accumulate_steps = k`` the optimisers step once per window of ``k`` batches, and every
+loss in a window is divided by the window's size, so the accumulated gradient is that of the
+window's mean loss. The last window of an epoch (or the one cut by ``max_steps``) can be
+shorter: it is stepped, with its own size as divisor, never dropped.
+
+When the epoch's length is known (tensors, datasets with ``len``), each place is arithmetic. A
+stream of unknown length (an ``IterableDataset``) is read one window ahead, so that a short last
+window is known to be short before its first batch runs; under several processes the ranks then
+agree on each window's size (the shortest rank's), so that every rank runs the same steps even
+when their streams differ in length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+
+from engine.distributed import World, collective, collective_device
+
+
+def in_windows(
+    batches: Iterator[Any], start: int, total: int | None, limit: int | None, k: int, world: World
+) -> Iterator[tuple[Any, int, int]]:
+    """``(batch, micro_index, micro_count)`` for each batch of an epoch.
+
+    ``start`` is the index in the epoch of the first batch ``batches`` yields; ``total`` the
+    number of batches the epoch will run in all when known; ``limit`` an upper bound on it when
+    not (from ``max_steps``), or None.
+    """
+    if total is not None:
+        for index, batch in enumerate(islice(batches, max(total - start, 0)), start):
+            window_start = index - index % k
+            yield batch, index - window_start, min(k, total - window_start)
+        return
+    if k == 1 and not world.is_distributed:
+        for batch in batches if limit is None else islice(batches, max(limit - start, 0)):
+            yield batch, 0, 1
+        return
+    yield from _read_ahead(batches, start, limit, k, world)
+
+
+def _read_ahead(
+    batches: Iterator[Any], start: int, limit: int | None, k: int, world: World
+) -> Iterator[tuple[Any, int, int]]:
+    index = start
+    while limit is None or index < limit:
+        first = index % k
+        wanted = k - first if limit is None else min(k - first, limit - index)
+        window = list(islice(batches, wanted))
+        size = _shortest_over_ranks(len(window), world)
+        if size < len(window):
+            logger.warning(
+                f"rank {world.rank}: another rank's training stream ended first; this rank "
+                f"drops {len(window) - size} batch(es) of its window so that all ranks run the "
+                "same steps (give every rank a stream of the same length to avoid this)"
+            )
+        for micro_index, batch in enumerate(window[:size], first):
+            yield batch, micro_index, first + size
+        if size < wanted:
+            return
+        index += size
+
+
+def _shortest_over_ranks(size: int, world: World) -> int:
+    """The smallest window size over the ranks (``size`` itself in one process)."""
+    if not world.is_distributed:
+        return size
+    value = torch.tensor([size], dtype=torch.int64, device=collective_device())
+    collective("window size agreement", world, lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN))
+    return int(value.item())
