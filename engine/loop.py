@@ -18,6 +18,7 @@ from loguru import logger
 
 from engine.checkpoint import load_checkpoint, resolve_resume
 from engine.checkpoint_state import restore_run, restore_training
+from engine.compiling import compile_model, compiled_backward_settings
 from engine.config import EngineConfig
 from engine.context import ForwardFn, StepContext, call_model
 from engine.data import Batches, known_length, make_batches
@@ -167,10 +168,9 @@ class Engine:
             run.paths["run_dir"] = run_dir
         run.monitor = config.monitor or _default_monitor(self.strategy, eval is not None)
         self._stop_requested = False
-        step_model: torch.nn.Module = (
-            torch.compile(model) if config.compile else model  # type: ignore[assignment]
-        )
-        with log_file(run_dir):
+        step_model = compile_model(model) if config.compile else model
+        compiled_settings = compiled_backward_settings(config.compile, len(self.strategy.loss_keys))
+        with log_file(run_dir), compiled_settings:
             try:
                 if world.is_main:
                     run.log.info(_describe_start(model, config, device, world, run_dir))
