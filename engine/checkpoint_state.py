@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +20,7 @@ from loguru import logger
 
 from engine.checkpoint import LoadedCheckpoint
 from engine.errors import CheckpointError
-from engine.seeding import rng_states, set_rng_states
+from engine.seeding import rng_states, seed_everything, set_rng_states
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -287,16 +288,31 @@ def restore_run(checkpoint: LoadedCheckpoint, run: RunState) -> None:
         own = checkpoint.training_state
         per_rank = own.get("rank_states")
         world = run.context.world if run.context is not None else None
+        has_own = False
         if per_rank is not None and world is not None and len(per_rank) == world.world_size:
-            own = per_rank[world.rank]
+            own, has_own = per_rank[world.rank], True
         # (else one process, or saved without the other ranks' states: rank 0's)
         buffer_state = own["metric_buffer"]
         if run.metric_buffer is not None and buffer_state is not None:
             device = run.context.device if run.context is not None else torch.device("cpu")
             run.metric_buffer.load_state_dict(buffer_state, device)
         set_rng_states(own["rng"])
+        if world is not None and world.rank > 0 and not has_own:
+            _reseed_missing_rank(run, checkpoint.path, world.rank)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
             f"checkpoint file {checkpoint.path / 'training.pt'} has a malformed run state "
             f"({type(error).__name__}: {error})"
         ) from error
+
+
+def _reseed_missing_rank(run: RunState, path: Path, rank: int) -> None:
+    """A checkpoint without this rank's random streams (written by one process, or by rank 0
+    alone when a run crashed) would give every rank rank 0's streams, and so the same dropout
+    and sampling noise. Rank ``r`` draws fresh streams from ``(seed + r, step)`` instead, as a
+    new run would; the resumed run is then not bitwise the uninterrupted one on this rank."""
+    seed_everything((run.config.seed + rank) * 1_000_003 + run.progress.step)
+    logger.warning(
+        f"rank {rank}: checkpoint {path} holds no random state for this rank; reseeded from "
+        f"(seed {run.config.seed} + rank {rank}, step {run.progress.step})"
+    )

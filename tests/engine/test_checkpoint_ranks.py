@@ -21,7 +21,14 @@ from tests.engine.checkpoint_cases import equal
 WORLD_SIZE = 2
 
 
-def _fit(folder: Path, name: str, max_steps: int | None, resume: str | None, seed: int) -> Any:
+def _fit(
+    folder: Path,
+    name: str,
+    max_steps: int | None,
+    resume: str | None,
+    seed: int,
+    batch_size: int = 2,
+) -> Any:
     from callbacks import Checkpointing
     from engine import Engine, EngineConfig
     from tests.engine.checkpoint_cases import data, make_case
@@ -29,7 +36,7 @@ def _fit(folder: Path, name: str, max_steps: int | None, resume: str | None, see
     model, strategy = make_case("standard", seed)
     config = EngineConfig(
         epochs=2,
-        batch_size=2,
+        batch_size=batch_size,
         max_steps=max_steps,
         seed=3,
         device="cpu",
@@ -54,16 +61,20 @@ def _entry(rank: int, port: int, folder: str) -> None:
         reference = _fit(out, "reference", None, None, seed=0)
         _fit(out, "cut", 5, None, seed=0)
         resumed = _fit(out, "cut", None, "last", seed=1)
+        from_one_process = _fit(out, "one-process", None, "last", seed=1)
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
         raise
-    torch.save({"reference": reference, "resumed": resumed}, out / f"rank{rank}.pt")
+    results = {"reference": reference, "resumed": resumed, "from_one_process": from_one_process}
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 @pytest.mark.slow
 def test_two_ranks_resume_mid_epoch_exactly_with_their_own_random_streams(
     tmp_path: Path,
 ) -> None:
+    # A checkpoint of one process (global batch 4), which the two ranks below resume as well.
+    _fit(tmp_path, "one-process", 3, None, seed=0, batch_size=2 * WORLD_SIZE)
     mp.start_processes(
         _entry,
         args=(free_port(), str(tmp_path)),
@@ -82,3 +93,7 @@ def test_two_ranks_resume_mid_epoch_exactly_with_their_own_random_streams(
     assert not torch.equal(
         results[0]["resumed"]["next_random"], results[1]["resumed"]["next_random"]
     )
+    # A checkpoint of one process holds rank 0's streams only: rank 1 draws its own, not a copy.
+    one = [result["from_one_process"] for result in results]
+    assert equal(one[0]["model"], one[1]["model"])
+    assert not torch.equal(one[0]["next_random"], one[1]["next_random"])
