@@ -224,15 +224,27 @@ class FeatureDiscriminator(nn.Module):
 
 
 class VAEGAN(nn.Module):
-    """A VAE whose reconstruction is measured in a discriminator's feature space (pythae's
+    """A VAE whose decoder is also trained against an image discriminator, with part of its
+    reconstruction measured in that discriminator's feature space (Larsen et al. 2016; pythae's
     VAEGAN), for ``CoupledAdversarial``.
 
-    ``encoder_loss`` = KL + feature reconstruction; ``decoder_loss`` = (1 - s) * feature
-    reconstruction - s * ``discriminator_loss``; ``discriminator_loss`` tells data from decoded
-    prior draws. The equilibrium rule returns ``update_decoder`` and ``update_discriminator`` as
-    0-d bool tensors: the discriminator rests while it wins by more than ``margin``, the decoder
-    while it loses by more than ``margin`` (never both). ``pixel_loss`` (squared error in
-    pixel space, not trained on) shows reconstruction progress on a fixed scale.
+    Per sample, averaged over the batch:
+
+    - ``encoder_loss`` = ``beta`` x KL + ``pixel_weight`` x pixel reconstruction (binary
+      cross-entropy, as the VAE) + ``feature_weight`` x feature reconstruction;
+    - ``decoder_loss`` = the same two reconstruction terms + ``adversarial_scale`` x the
+      non-saturating GAN loss of the reconstructions and the decoded prior draws;
+    - ``discriminator_loss`` tells data (target ``1 - label_smoothing``) from reconstructions and
+      decoded prior draws (target 0).
+
+    The pixel term anchors the reconstructions: the feature space of a moving discriminator alone
+    is a poor, drifting measure of likeness (alone, it gives blurred digits). The equilibrium
+    rule returns ``update_discriminator`` as a 0-d bool tensor: the discriminator rests while
+    both its costs are below ``equilibrium - margin``; while one is above ``equilibrium +
+    margin`` (the discriminator is losing) the adversarial term leaves the decoder's loss, so the
+    decoder keeps learning to reconstruct. ``pixel_loss`` (squared error in pixel space) and
+    ``recon_loss`` (feature space) are metrics on fixed definitions; ``sample(n)`` decodes draws
+    from the standard normal prior.
     """
 
     def __init__(
@@ -243,6 +255,10 @@ class VAEGAN(nn.Module):
         adversarial_scale: float = 0.5,
         equilibrium: float = 0.68,
         margin: float = 0.4,
+        beta: float = 1.0,
+        pixel_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        label_smoothing: float = 0.1,
     ) -> None:
         super().__init__()
         self.config = {
@@ -252,10 +268,19 @@ class VAEGAN(nn.Module):
             "adversarial_scale": adversarial_scale,
             "equilibrium": equilibrium,
             "margin": margin,
+            "beta": beta,
+            "pixel_weight": pixel_weight,
+            "feature_weight": feature_weight,
+            "label_smoothing": label_smoothing,
         }
+        self.latent_dim = latent_dim
         self.adversarial_scale = adversarial_scale
         self.equilibrium = equilibrium
         self.margin = margin
+        self.beta = beta
+        self.pixel_weight = pixel_weight
+        self.feature_weight = feature_weight
+        self.label_smoothing = label_smoothing
         self.encoder = Encoder(math.prod(input_shape), hidden, latent_dim)
         self.decoder = Decoder(latent_dim, hidden, input_shape)
         self.discriminator = FeatureDiscriminator(math.prod(input_shape), hidden)
@@ -265,31 +290,47 @@ class VAEGAN(nn.Module):
         mu, log_var = self.encoder(x)
         z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
         recon_x = self.decoder(z)
+        prior_x = self.decoder(torch.randn_like(z))
         kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1)
+        pixel = F.binary_cross_entropy(recon_x, x, reduction="none").flatten(1).sum(1)
         true_features, true_score = self.discriminator(x)
-        recon_features, _ = self.discriminator(recon_x)
-        recon = 0.5 * (true_features - recon_features).pow(2).sum(1)
-        _, prior_score = self.discriminator(self.decoder(torch.randn_like(z)))
-        true_cost = F.binary_cross_entropy_with_logits(true_score, torch.ones_like(true_score))
-        prior_cost = F.binary_cross_entropy_with_logits(prior_score, torch.zeros_like(prior_score))
-        discriminator_loss = true_cost + prior_cost
-        scale = self.adversarial_scale
+        recon_features, recon_score = self.discriminator(recon_x)
+        _, prior_score = self.discriminator(prior_x)
+        feature = 0.5 * (true_features - recon_features).pow(2).sum(1)
+        reconstruction = self.pixel_weight * pixel + self.feature_weight * feature
+        # each loss reaches its own group only, so the scores need no detaching here
+        true_cost = _bce(true_score, 1.0 - self.label_smoothing)
+        fake_cost = 0.5 * (_bce(recon_score, 0.0) + _bce(prior_score, 0.0))
+        generator_cost = 0.5 * (_bce(recon_score, 1.0) + _bce(prior_score, 1.0))
         low, high = self.equilibrium - self.margin, self.equilibrium + self.margin
-        update_discriminator = ~((true_cost < low) | (prior_cost < low))
-        update_decoder = ~((true_cost > high) | (prior_cost > high))
-        neither = ~(update_discriminator | update_decoder)
+        update_discriminator = (true_cost >= low) | (fake_cost >= low)
+        decoder_adversarial = ((true_cost <= high) & (fake_cost <= high)).to(x.dtype)
+        adversarial = self.adversarial_scale * decoder_adversarial * generator_cost
+        flag_on = torch.ones((), dtype=torch.bool, device=x.device)
         return {
-            "encoder_loss": (kl + recon).mean(),
-            "decoder_loss": (1 - scale) * recon.mean() - scale * discriminator_loss,
-            "discriminator_loss": discriminator_loss,
-            "update_encoder": torch.ones((), dtype=torch.bool, device=x.device),
-            "update_decoder": update_decoder | neither,
-            "update_discriminator": update_discriminator | neither,
-            "recon_loss": recon.mean(),
+            "encoder_loss": (self.beta * kl + reconstruction).mean(),
+            "decoder_loss": reconstruction.mean() + adversarial,
+            "discriminator_loss": true_cost + fake_cost,
+            "update_encoder": flag_on,
+            "update_decoder": flag_on,
+            "update_discriminator": update_discriminator,
+            "recon_loss": feature.mean(),
             "pixel_loss": F.mse_loss(recon_x, x, reduction="none").flatten(1).sum(1).mean(),
+            "reg_loss": kl.mean(),
+            "generator_loss": generator_cost,
             "recon_x": recon_x,
             "z": z,
         }
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        device = next(self.parameters()).device
+        return self.decoder(torch.randn(num_samples, self.latent_dim, device=device))
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Binary cross-entropy of ``logits`` against a constant ``target``, averaged."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
 class WGANGP(nn.Module):
