@@ -37,9 +37,11 @@ class MetricBuffer:
         """Means over the pending steps (all ranks); raises on a non-finite value."""
         keys = sorted(self._pending)
         sums, counts = [], []
+        # A model may return some metrics on the host while it trains on a GPU: gather there.
+        device = self._pending[keys[0]][0][0].device if keys else None
         for key in keys:
             values, steps = self._pending[key]
-            stacked = torch.stack([value.float() for value in values])
+            stacked = torch.stack([value.float().to(device) for value in values])
             if not bool(torch.isfinite(stacked).all()):
                 as_list = stacked.tolist()
                 bad = next(i for i, v in enumerate(as_list) if not math.isfinite(v))

@@ -3,7 +3,8 @@
 Specs are frozen values, checked at construction (unknown names and unknown keyword arguments
 are errors there), and built later against a parameter group by ``build_optimizer`` and
 ``build_scheduler``. Where torch has a fused kernel for the optimiser on the run's device, it is
-used unless the user chose ``fused`` or ``foreach`` themselves.
+used unless the user chose ``fused`` or ``foreach`` themselves (or the kernel is known to be
+wrong for the settings: SGD with momentum).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ _FUSED_DEVICES: dict[str, frozenset[str]] = {
     "SGD": frozenset({"cpu", "cuda", "mps"}),
     "Adagrad": frozenset({"cpu"}),
 }
+
+
+def _fused_momentum_unsafe(cls: type, params: Mapping[str, Any]) -> bool:
+    """Whether torch's fused kernel would mishandle these settings: fused SGD allocates its
+    momentum buffers uninitialised on its first step and fills them inside the kernel, which
+    skips when an fp16 GradScaler found an inf; the buffers then hold garbage and the next step
+    throws the parameters far away (seen on CPU and CUDA, torch 2.11 and 2.13)."""
+    return cls.__name__ == "SGD" and float(params.get("momentum", 0.0)) != 0.0
 
 
 def _torch_names(module: Any, base: type) -> dict[str, type]:
@@ -108,6 +117,7 @@ class OptimizerSpec:
             and "fused" not in params
             and "foreach" not in params
             and "fused" in inspect.signature(cls).parameters
+            and not _fused_momentum_unsafe(cls, params)
         ):
             params["fused"] = True
         return cls(list(parameters), **params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -30,6 +32,41 @@ def test_optimizer_target_must_be_name_class_or_factory() -> None:
 def test_adam_is_fused_on_cpu_by_default() -> None:
     optimizer = OptimizerSpec("Adam", lr=1e-3).build(_params(), torch.device("cpu"))
     assert optimizer.defaults["fused"] is True
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("SGD", {}),
+        ("SGD", {"momentum": 0.9}),
+        ("SGD", {"momentum": 0.9, "nesterov": True}),
+        ("Adam", {}),
+        ("AdamW", {}),
+        ("Adagrad", {}),
+    ],
+)
+def test_a_skipped_first_fp16_step_leaves_the_default_optimizer_as_plain_torch_would(
+    name: str, extra: dict[str, Any]
+) -> None:
+    """The GradScaler skips a first step whose gradients overflowed; the next, finite steps then
+    move the parameters exactly as torch's unfused optimiser does (fused SGD with momentum
+    would step from uninitialised momentum buffers, so it is not the default)."""
+
+    def train(spec: OptimizerSpec) -> torch.Tensor:
+        weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 64))
+        optimizer = spec.build([weight], torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        for factor in (float("inf"), 1.0, 1.0):  # the first step overflows
+            scaler.scale((weight * factor).pow(2).sum()).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        return weight.detach()
+
+    default = train(OptimizerSpec(name, lr=0.1, **extra))
+    plain = train(OptimizerSpec(name, lr=0.1, foreach=False, **extra))
+    torch.testing.assert_close(default, plain)
 
 
 def test_user_choice_of_foreach_is_kept() -> None:

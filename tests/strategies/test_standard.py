@@ -71,7 +71,7 @@ def test_clipping_matches_a_clipped_sgd_step(clip: float, seed: int) -> None:
         for param, grad in zip(reference.parameters(), grads):
             param -= 0.1 * scale * grad
     for (name, value), expected in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(value.cpu(), expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_step_scheduler_steps_once_per_optimizer_step() -> None:
