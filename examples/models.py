@@ -46,7 +46,12 @@ class Decoder(nn.Module):
         self.body = _mlp([latent_dim, hidden, hidden, math.prod(input_shape)])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.body(z)).view(-1, *self.input_shape)
+        return torch.sigmoid(self.logits(z))
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid output: Bernoulli losses take it (``binary_cross_entropy`` on
+        probabilities is refused under CUDA autocast, and less stable)."""
+        return self.body(z).view(-1, *self.input_shape)
 
 
 class AE(nn.Module):
@@ -100,8 +105,9 @@ class VAE(nn.Module):
         mu, log_var = self.encoder(x)
         std = torch.exp(0.5 * log_var)
         z = mu + std * torch.randn_like(std)
-        recon_x = self.decoder(z)
-        recon = F.binary_cross_entropy(recon_x, x, reduction="none").flatten(1).sum(1)
+        logits = self.decoder.logits(z)
+        recon_x = torch.sigmoid(logits)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
         kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1)
         return {
             "loss": (recon + self.beta * kl).mean(),
@@ -289,10 +295,11 @@ class VAEGAN(nn.Module):
         x = batch["data"]
         mu, log_var = self.encoder(x)
         z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
-        recon_x = self.decoder(z)
+        logits = self.decoder.logits(z)
+        recon_x = torch.sigmoid(logits)
         prior_x = self.decoder(torch.randn_like(z))
         kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).sum(1)
-        pixel = F.binary_cross_entropy(recon_x, x, reduction="none").flatten(1).sum(1)
+        pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
         true_features, true_score = self.discriminator(x)
         recon_features, recon_score = self.discriminator(recon_x)
         _, prior_score = self.discriminator(prior_x)

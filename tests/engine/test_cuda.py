@@ -73,3 +73,28 @@ def test_metrics_from_the_host_and_the_device_mix(tmp_path: Path) -> None:
         HostMetric(), data(30)
     )
     assert result.history[-1]["train/host_metric"] == 2.0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["vae", "aae", "rae", "vaegan", "wgan"])
+def test_every_reference_model_trains_under_cuda_autocast(name: str, precision: str) -> None:
+    """CUDA autocast refuses some ops that CPU autocast allows (``binary_cross_entropy`` on
+    probabilities): every example model must run in both precisions there."""
+    from engine import OptimizerSpec
+    from examples.data import digits
+    from examples.demo_multi import workloads
+    from examples.models import VAE
+    from strategies import Standard
+
+    if name == "vae":
+        reference, strategy = VAE(), Standard(OptimizerSpec("Adam", lr=1e-3))
+    else:
+        reference, strategy = workloads()[name]
+    model = type(reference)(hidden=32)
+    data = {"data": digits("train")["data"][:256]}  # 8 steps: WGAN-GP steps its generator
+    config = EngineConfig(
+        epochs=1, batch_size=32, device="cuda", precision=precision, output_dir=None
+    )
+    history = Engine(strategy, config).fit(model, data).history
+    for loss_key in strategy.loss_keys:
+        assert torch.isfinite(torch.tensor(history[-1][f"train/{loss_key}"]))
