@@ -130,7 +130,7 @@ def grouped_runners(
 
     def engine() -> EpochFn:
         model = fresh(template, device)
-        return engine_epoch(model, make_strategy(), {"data": data}, batch_size, device)
+        return engine_epoch(model, make_strategy(), {"data": on_device}, batch_size, device)
 
     return [
         Runner("floor: sliced loop, isolated grads", loop(True)),
