@@ -4,6 +4,7 @@ and a short last batch (a recompilation for a new shape, whose backward is compi
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import pytest
@@ -42,7 +43,15 @@ def _train(kind: str, compile: bool) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
+# torch.compile's CPU backend (inductor) builds C++ with the machine's compiler.
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (g++, c++ or clang++) on PATH",
+)
+
+
 @pytest.mark.slow
+@needs_compiler
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_compiled_model_trains_like_the_eager_one(kind: str) -> None:
     torch._dynamo.reset()
