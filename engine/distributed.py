@@ -251,6 +251,16 @@ def sum_named_over_ranks(values: Mapping[str, torch.Tensor], world: World) -> di
     return dict(zip(names, totals))
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether ``flag`` is true on at least one rank (one small all-reduce; ``flag`` itself in
+    one process)."""
+    if not world.is_distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device())
+    collective("stop agreement", world, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
+    return bool(value.item())
+
+
 def all_ranks_agree(flags: list[bool], world: World) -> list[bool]:
     """Each flag is true only where it is true on every rank, so that every rank switches the
     same updates on and off (a rank that skipped a backward would otherwise break the gradient

@@ -34,6 +34,9 @@ an exception           EXCEPTION, then the exception propagates; no FIT_END
 KeyboardInterrupt      EXCEPTION (``run.exception`` is the interrupt), propagates
 =====================  ===========================================================
 
+Under several processes a ``stop()`` takes effect at the next log interval (a batch whose step
+is a multiple of ``log_every``) or epoch end, on every rank at once, whichever rank asked.
+
 Ordering contract: the strategy acts first (it is called by the loop, not through the bus); then
 handlers run by descending ``priority`` (ties in subscription order). User callbacks default to
 priority 0; ``Checkpointing`` runs at ``CHECKPOINT_PRIORITY`` and ``EarlyStopping`` at

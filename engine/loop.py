@@ -25,6 +25,7 @@ from engine.data import Batches, known_length, make_batches
 from engine.device import resolve_device
 from engine.distributed import (
     World,
+    any_rank,
     broadcast_buffers,
     broadcast_module,
     current_world,
@@ -85,7 +86,8 @@ class Engine:
         self.bus.subscribe(Subscription(event, handler, priority, every, once))
 
     def stop(self) -> None:
-        """End the run cleanly at the next batch or epoch boundary."""
+        """End the run cleanly at the next batch or epoch boundary (under several processes:
+        at the next log interval or epoch end, on every rank at once, whichever rank asked)."""
         self._stop_requested = True
 
     # ------------------------------------------------------------------ fit
@@ -236,7 +238,8 @@ class Engine:
                 if progress.step % config.log_every == 0:
                     run.logged_metrics = buffer.flush(ctx.world)
                 fire(Event.BATCH_END, run)
-                if self._stop_requested or progress.step == config.max_steps:
+                at_log = progress.step % config.log_every == 0
+                if self._stop_now(ctx.world, at_log) or progress.step == config.max_steps:
                     finished_epoch = progress.batch_in_epoch == steps_per_epoch
                     break
             if not finished_epoch:
@@ -260,8 +263,20 @@ class Engine:
             progress.epoch = epoch + 1
             progress.batch_in_epoch = 0
             fire(Event.EPOCH_END, run)
-            if self._stop_requested or progress.step == config.max_steps:
+            if self._stop_now(ctx.world, True) or progress.step == config.max_steps:
                 return
+
+    def _stop_now(self, world: World, boundary: bool) -> bool:
+        """Whether the run stops here. One process stops as soon as ``stop()`` was called.
+        Ranks decide together, at log intervals and epoch ends (``boundary``), with one small
+        all-reduce: a stop asked on one rank only (a time budget, a signal) would otherwise leave
+        the others waiting in a collective."""
+        if not world.is_distributed:
+            return self._stop_requested
+        if boundary:
+            self._stop_requested = any_rank(self._stop_requested, world)
+            return self._stop_requested
+        return False
 
     # ------------------------------------------------------------- evaluate
 

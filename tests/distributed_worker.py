@@ -186,6 +186,17 @@ class MapDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         return {key: value[index] for key, value in self.data.items()}
 
 
+class StopOnRank:
+    """Calls ``engine.stop()`` on one rank only, after step ``at_step``."""
+
+    def __init__(self, rank: int, at_step: int) -> None:
+        self.rank, self.at_step = rank, at_step
+
+    def on_batch_end(self, run: Any) -> None:
+        if run.context.world.rank == self.rank and run.progress.step == self.at_step:
+            run.engine.stop()
+
+
 class Stream(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):
     """The first ``n`` samples of ``train_data()`` as a stream: no length, one per rank."""
 
@@ -337,6 +348,11 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
         results["strategies"][name] = train_strategy(name, rank_seed=rank)
     results["accumulate"] = train_strategy("Standard", rank_seed=rank, accumulate_steps=2)
     results["random_cases"] = [train_case(case, rank, ranks=1) for case in random_cases()]
+
+    # Rank 1 alone asks to stop after step 3; with log_every=2 both ranks stop after step 4.
+    stopping = Engine(strategies.Standard(_adam()), config(epochs=3), [StopOnRank(1, at_step=3)])
+    stopped = stopping.fit(Autoencoder(), train_data())
+    results["stop_on_one_rank"] = {"steps": stopped.steps, "stopped": stopped.stopped_early}
 
     # Streams of unequal length (9 and 6 batches): windows of 4, every rank runs 4 + 2 steps.
     torch.manual_seed(0)

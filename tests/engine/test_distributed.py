@@ -98,6 +98,16 @@ def test_accumulation_under_two_ranks_matches_one_process(
 
 
 @pytest.mark.slow
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    """Rank 1 alone calls ``stop()`` after step 3; the ranks agree at the next log interval
+    (``log_every=2``): both stop after step 4, neither waits in a collective."""
+    (rank0, rank1), _ = two_ranks
+    assert rank0["stop_on_one_rank"] == rank1["stop_on_one_rank"] == {"steps": 4, "stopped": True}
+
+
+@pytest.mark.slow
 def test_streams_of_unequal_length_run_the_same_steps_on_every_rank(
     two_ranks: tuple[list[dict[str, Any]], Path],
 ) -> None:
