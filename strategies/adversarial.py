@@ -39,10 +39,8 @@ from strategies.groups import DISCRIMINATOR, GENERATOR, GroupChoice
 from strategies.joint import (
     ClipChoice,
     JointUpdates,
-    check_clip_roles,
-    check_metric_keys,
     eval_single_forward,
-    role_spec,
+    joint_from_fields,
     train_single_forward,
 )
 
@@ -84,18 +82,7 @@ class Adversarial:
     _windows: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        check_clip_roles(self.grad_clip_norm, ROLES)
-        specs = tuple(
-            role_spec(
-                role,
-                getattr(self, f"{role}_loss_key"),
-                getattr(self, role),
-                getattr(self, f"{role}_scheduler"),
-                self.grad_clip_norm,
-            )
-            for role in ROLES
-        )
-        self._joint = JointUpdates(specs, self.groups, check_metric_keys(self.metrics))
+        self._joint = joint_from_fields(self, ROLES)
 
     @property
     def loss_keys(self) -> tuple[str, ...]:

@@ -20,10 +20,8 @@ from strategies.groups import GroupChoice
 from strategies.joint import (
     ClipChoice,
     JointUpdates,
-    check_clip_roles,
-    check_metric_keys,
     eval_single_forward,
-    role_spec,
+    joint_from_fields,
     train_single_forward,
 )
 
@@ -52,18 +50,7 @@ class Coupled:
     _joint: JointUpdates = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        check_clip_roles(self.grad_clip_norm, ROLES)
-        specs = tuple(
-            role_spec(
-                role,
-                getattr(self, f"{role}_loss_key"),
-                getattr(self, role),
-                getattr(self, f"{role}_scheduler"),
-                self.grad_clip_norm,
-            )
-            for role in ROLES
-        )
-        self._joint = JointUpdates(specs, self.groups, check_metric_keys(self.metrics))
+        self._joint = joint_from_fields(self, ROLES)
 
     @property
     def loss_keys(self) -> tuple[str, ...]:

@@ -68,6 +68,24 @@ def check_clip_roles(grad_clip_norm: ClipChoice, roles: Sequence[str]) -> None:
             )
 
 
+def joint_from_fields(strategy: Any, roles: Sequence[str]) -> JointUpdates:
+    """The updates a strategy's fields describe: per role, ``<role>`` (its optimiser spec),
+    ``<role>_scheduler`` and ``<role>_loss_key``; for all, ``grad_clip_norm``, ``groups`` and
+    ``metrics``. Checked here, at the strategy's construction."""
+    check_clip_roles(strategy.grad_clip_norm, roles)
+    specs = tuple(
+        role_spec(
+            role,
+            getattr(strategy, f"{role}_loss_key"),
+            getattr(strategy, role),
+            getattr(strategy, f"{role}_scheduler"),
+            strategy.grad_clip_norm,
+        )
+        for role in roles
+    )
+    return JointUpdates(specs, strategy.groups, check_metric_keys(strategy.metrics))
+
+
 def check_metric_keys(metrics: Any) -> tuple[str, ...]:
     if isinstance(metrics, str) or not all(isinstance(key, str) for key in metrics):
         raise ConfigError(f"metrics must be a tuple of output names, got {metrics!r}")
