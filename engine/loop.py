@@ -235,10 +235,10 @@ class Engine:
                 progress.step += 1
                 progress.batch_in_epoch += 1
                 run.step_metrics = metrics
-                if progress.step % config.log_every == 0:
+                at_log = progress.step % config.log_every == 0
+                if at_log:
                     run.logged_metrics = buffer.flush(ctx.world)
                 fire(Event.BATCH_END, run)
-                at_log = progress.step % config.log_every == 0
                 if self._stop_now(ctx.world, at_log) or progress.step == config.max_steps:
                     finished_epoch = progress.batch_in_epoch == steps_per_epoch
                     break
