@@ -19,7 +19,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 NonFinitePolicy = Literal["raise", "skip"]
 MonitorMode = Literal["min", "max"]
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -58,7 +58,7 @@ def _positive_float(instance: Any, attribute: attrs.Attribute[Any], value: Any) 
 
 
 def _device(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or not _DEVICE_PATTERN.match(value):
+    if not isinstance(value, str) or not _DEVICE_PATTERN.fullmatch(value):
         raise ConfigError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {value!r}")
 
 

@@ -43,8 +43,8 @@ else:  # pragma: no cover - Python 3.10 only
 SECTIONS = ("model", "data", "strategy", "engine", "callbacks")
 REQUIRED_SECTIONS = ("model", "data", "strategy")
 DATA_KEYS = ("train", "eval")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -238,7 +238,7 @@ def _factory(
 
 def import_object(key: str, path: str) -> Any:
     """The object at ``package.module:name``; a bad path is a ``ConfigError`` naming ``key``."""
-    if not isinstance(path, str) or not _IMPORT_PATH.match(path):
+    if not isinstance(path, str) or not _IMPORT_PATH.fullmatch(path):
         raise ConfigError(f"{key} must be an import path 'package.module:callable', got {path!r}")
     module_name, _, attribute = path.partition(":")
     try:
@@ -393,7 +393,7 @@ def _is_table_array(value: Any) -> bool:
 def _key(key: Any) -> str:
     if not isinstance(key, str):
         raise ConfigError(f"TOML keys must be strings, got {key!r}")
-    return key if _BARE_KEY.match(key) else _string(key)
+    return key if _BARE_KEY.fullmatch(key) else _string(key)
 
 
 def _string(text: str) -> str:

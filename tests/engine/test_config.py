@@ -26,6 +26,7 @@ BAD_VALUES = [
     ("precision", "fp8"),
     ("device", "gpu"),
     ("device", "cuda:x"),
+    ("device", "cpu\n"),  # a regex "$" would let a trailing newline through
     ("device", ""),
     ("grad_clip_norm", 0.0),
     ("grad_clip_norm", -1.0),

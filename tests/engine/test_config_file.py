@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine import ConfigError, EngineConfig
@@ -59,6 +59,8 @@ _tables = st.dictionaries(_keys, _values, max_size=5)
 
 @settings(max_examples=150, deadline=None)
 @given(_tables)
+@example({"0\n": {}})  # found by this property: a key with a trailing newline was left bare
+@example({"a\n": [1]})
 def test_dump_toml_reads_back_equal(table: dict[str, Any]) -> None:
     assert read_toml(dump_toml(table)) == table
 
@@ -217,6 +219,10 @@ BAD_CONFIGS = [
     (lambda c: _without(c, "model"), ["missing required key", "'model'"]),
     (lambda c: _with(c, [], "model"), ["[model] must be a table", "[]"]),
     (lambda c: _with(c, "VAE", "model", "factory"), ["model.factory", "'VAE'", "import path"]),
+    (
+        lambda c: _with(c, "examples.models:VAE\n", "model", "factory"),
+        ["model.factory", "import path"],
+    ),
     (lambda c: _with(c, "nosuch.mod:VAE", "model", "factory"), ["nosuch.mod", "can not import"]),
     (lambda c: _with(c, "examples.models:Nope", "model", "factory"), ["has no 'Nope'"]),
     (lambda c: _with(c, 3, "model", "widht"), ["[model]", "'VAE'", "widht"]),
