@@ -38,7 +38,7 @@ from engine import (
     RunState,
     Subscription,
 )
-from engine.checkpoint import MARKER
+from engine.checkpoint.format import MARKER
 from examples.models import VAE
 from strategies import Standard
 

@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine import Engine, EngineConfig, OptimizerSpec, RunState
-from engine.data import batch_bounds, epoch_order
-from engine.distributed import current_world
+from engine.data.batches import batch_bounds, epoch_order
+from engine.distributed.collectives import current_world
 from examples.models import VAE, AdversarialAE
 from strategies import Adversarial, Standard
 

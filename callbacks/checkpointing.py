@@ -15,7 +15,7 @@ the end of an accumulation window, so that resuming from it continues exactly th
   log says why. A Ctrl-C that comes inside a step is held until the step ends
   (``hold_interrupts``), so an interrupt is saved.
 
-Only the main process writes. Files: see ``engine/checkpoint.py``; plain weights exported as
+Only the main process writes. Files: see ``engine/checkpoint/format.py``; plain weights exported as
 ``model_final.pt``/``model_best.pt`` (+ ``model_config.json``) in the run folder.
 """
 
@@ -30,7 +30,8 @@ import attrs
 import torch
 
 from callbacks.interrupt_hold import InterruptHold
-from engine.checkpoint import (
+from engine.checkpoint.export import export_config, export_weights
+from engine.checkpoint.format import (
     CHECKPOINTS_DIR,
     LAST,
     MODEL_FILE,
@@ -38,9 +39,8 @@ from engine.checkpoint import (
     remove_checkpoint,
     write_checkpoint,
 )
-from engine.checkpoint_export import export_config, export_weights
-from engine.checkpoint_state import capture, gather_rank_states
-from engine.checkpoint_writer import BackgroundWriter, snapshot
+from engine.checkpoint.state import capture, gather_rank_states
+from engine.checkpoint.writer import BackgroundWriter, snapshot
 from engine.errors import ConfigError, NonFiniteLossError
 from engine.events import CHECKPOINT_PRIORITY
 from engine.state import RunState
@@ -113,7 +113,7 @@ class Checkpointing:
     ``model_best.pt`` at each new best, as plain ``state_dict`` files. ``durable=False`` skips
     the fsyncs: a checkpoint still survives the process being killed, not a power cut.
     ``background`` writes the files in a background thread from a host-memory snapshot taken at
-    the save point (see ``engine/checkpoint_writer.py``); saves at the end and on a crash are
+    the save point (see ``engine/checkpoint/writer.py``); saves at the end and on a crash are
     waited for. ``None`` (default) chooses it when the model is on an accelerator, whose memory
     the snapshot does not use; on the CPU the snapshot would be a second copy of the state in
     the same memory while the write runs, so saves are written in place unless ``True``.

@@ -1,9 +1,10 @@
 """strategy-engine's core: the loop, its config, events, data, precision and the ports."""
 
-from engine.config import EngineConfig
+from engine.config.engine_config import EngineConfig
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.context import StepContext
-from engine.distributed import World
-from engine.distributed_session import leave_process_group
+from engine.distributed.collectives import World
+from engine.distributed.session import leave_process_group
 from engine.errors import (
     CheckpointError,
     ConfigError,
@@ -22,7 +23,6 @@ from engine.events import (
 )
 from engine.loop import Engine
 from engine.protocols import StepStrategy
-from engine.specs import OptimizerSpec, SchedulerSpec
 from engine.state import FitResult, Progress, RunState
 
 __all__ = [

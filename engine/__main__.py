@@ -1,6 +1,6 @@
-"""``python -m engine fit CONFIG.toml``: the command line of ``engine.cli``."""
+"""``python -m engine fit CONFIG.toml``: the command line of ``engine.cli.main``."""
 
-from engine.cli import main
+from engine.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

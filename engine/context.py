@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import torch
 
-from engine.distributed import World
+from engine.distributed.collectives import World
 from engine.errors import ModelOutputError
 from engine.state import Progress
 

@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from loguru import logger
 
-from engine.checkpoint import load_checkpoint, resolve_resume
-from engine.checkpoint_state import restore_run, restore_training
-from engine.compiling import compile_model, compiled_backward_settings
-from engine.config import EngineConfig
+from engine.checkpoint.format import load_checkpoint, resolve_resume
+from engine.checkpoint.state import restore_run, restore_training
+from engine.config.engine_config import EngineConfig
 from engine.context import ForwardFn, StepContext, call_model
-from engine.data import Batches, known_length, make_batches
-from engine.device import resolve_device
-from engine.distributed import (
+from engine.data.batches import Batches, known_length, make_batches
+from engine.data.windows import in_windows
+from engine.distributed.collectives import (
     World,
     any_rank,
     broadcast_buffers,
@@ -31,16 +30,17 @@ from engine.distributed import (
     current_world,
     sum_named_over_ranks,
 )
-from engine.distributed_session import process_group
+from engine.distributed.session import process_group
 from engine.errors import ConfigError, StrategyError
 from engine.events import Event, EventBus, Handler, Subscription
+from engine.hardware.compiling import compile_model, compiled_backward_settings
+from engine.hardware.device import resolve_device
+from engine.hardware.precision import autocast_factory, make_scaler
 from engine.metrics import MetricBuffer
-from engine.precision import autocast_factory, make_scaler
 from engine.protocols import StepStrategy
 from engine.run_dir import create_run_dir, log_file
 from engine.seeding import seed_everything
 from engine.state import FitResult, Progress, RunState
-from engine.windows import in_windows
 
 # The name under which evaluation's sample count travels with its metric sums.
 _SAMPLES = "\x00samples"
@@ -108,7 +108,7 @@ class Engine:
         run is refused (``CheckpointError``) before anything is written.
 
         Under ``torchrun`` every rank calls ``fit``: it joins the process group for the run
-        (``engine/distributed_session.py``) and leaves it at the end.
+        (``engine/distributed/session.py``) and leaves it at the end.
         """
         with process_group(self.config.device, self.config.distributed_timeout_s):
             return self._fit(model, train, eval, resume)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.distributed import World, sum_over_ranks
+from engine.distributed.collectives import World, sum_over_ranks
 from engine.errors import NonFiniteLossError
 
 

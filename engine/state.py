@@ -15,7 +15,7 @@ import attrs
 import torch
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
+    from engine.config.engine_config import EngineConfig
     from engine.context import StepContext
     from engine.loop import Engine
     from engine.metrics import MetricBuffer

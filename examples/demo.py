@@ -16,7 +16,7 @@ DEFAULT = CONFIGS / "vae_digits.toml"
 
 
 def main(argv: list[str]) -> int:
-    from engine.cli import main as cli
+    from engine.cli.main import main as cli
 
     configs = [DEFAULT] if not argv else sorted(CONFIGS.glob("*.toml")) if argv == ["all"] else argv
     for config in configs:

@@ -32,9 +32,9 @@ from typing import Any
 import attrs
 import torch
 
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.context import StepContext
 from engine.errors import ConfigError
-from engine.specs import OptimizerSpec, SchedulerSpec
 from strategies.groups import DISCRIMINATOR, GENERATOR, GroupChoice
 from strategies.joint import (
     ClipChoice,

@@ -14,8 +14,8 @@ from typing import Any
 import attrs
 import torch
 
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.context import StepContext
-from engine.specs import OptimizerSpec, SchedulerSpec
 from strategies.groups import GroupChoice
 from strategies.joint import (
     ClipChoice,

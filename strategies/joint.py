@@ -16,10 +16,10 @@ from typing import Any
 import attrs
 import torch
 
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.context import StepContext
-from engine.distributed import all_ranks_agree
+from engine.distributed.collectives import all_ranks_agree
 from engine.errors import ConfigError, ModelOutputError, StrategyError
-from engine.specs import OptimizerSpec, SchedulerSpec
 from strategies.groups import GroupChoice, resolve_groups
 from strategies.update import (
     Update,

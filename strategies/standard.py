@@ -8,9 +8,9 @@ from typing import Any
 import attrs
 import torch
 
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.context import StepContext
 from engine.errors import StrategyError
-from engine.specs import OptimizerSpec, SchedulerSpec
 from strategies.update import (
     Update,
     UpdateSpec,

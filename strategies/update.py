@@ -15,10 +15,10 @@ from typing import Any
 import attrs
 import torch
 
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.context import StepContext
-from engine.distributed import World, all_ranks_agree, average_gradients
+from engine.distributed.collectives import World, all_ranks_agree, average_gradients
 from engine.errors import ConfigError
-from engine.specs import OptimizerSpec, SchedulerSpec
 
 
 def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -22,7 +22,7 @@ from engine import (
     OptimizerSpec,
     RunState,
 )
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint.format import load_checkpoint
 from engine.context import ForwardFn
 from strategies import Standard
 from tests.engine.checkpoint_cases import DropoutRegressor, data, equal

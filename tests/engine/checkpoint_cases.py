@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.specs import OptimizerSpec
+from engine.config.specs import OptimizerSpec
 from strategies import Standard
 from tests.strategies.builders import build
 from tests.strategies.toy import CoupledToy

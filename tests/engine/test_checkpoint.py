@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from callbacks import Checkpointing
 from engine import CheckpointError, Engine, EngineConfig, OptimizerSpec
-from engine.checkpoint import (
+from engine.checkpoint.format import (
     MARKER,
     MODEL_FILE,
     TRAINING_FILE,

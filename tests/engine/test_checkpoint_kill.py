@@ -29,7 +29,7 @@ def train(output_dir: Path) -> dict[str, Any]:
     """Train (resuming from the run's last checkpoint if any); the final state."""
     from callbacks import Checkpointing, MetricsHistory
     from engine import Engine, EngineConfig
-    from engine.checkpoint import latest_checkpoint
+    from engine.checkpoint.format import latest_checkpoint
     from tests.engine.checkpoint_cases import data, make_case, without_seconds
 
     model, strategy = make_case("adversarial", seed=0, n_critic=2)

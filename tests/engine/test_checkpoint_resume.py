@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from callbacks import Checkpointing, EarlyStopping, MetricsHistory
 from engine import Engine, EngineConfig, RunState
-from engine.checkpoint import latest_checkpoint, load_checkpoint
+from engine.checkpoint.format import latest_checkpoint, load_checkpoint
 from tests.engine.checkpoint_cases import KINDS, data, equal, make_case, without_seconds
 
 INTERRUPTIONS = ("max_steps", "stop_in_batch", "stop_at_epoch_end", "error_after_batch")

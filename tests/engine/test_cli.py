@@ -1,4 +1,4 @@
-"""engine/cli.py: every example config trains for one short epoch, overrides, re-running the
+"""engine/cli/main.py: every example config trains for one short epoch, overrides, re-running the
 written config, evaluate and predict, and bad configs as one line with exit code 2."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import ConfigError
-from engine.cli import build, load_run_config, main
-from engine.config_file import dump_toml, read_toml
+from engine.cli.main import build, load_run_config, main
+from engine.config.file import dump_toml, read_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.toml"))
@@ -251,7 +251,7 @@ def test_malformed_configs_fail_with_our_error_before_training(data: Any, tmp_pa
         del parent[path[-1]]
     elif isinstance(parent, dict):
         parent[data.draw(st.text(min_size=1, max_size=6))] = data.draw(_junk)
-    from engine.config_file import resolve_config
+    from engine.config.file import resolve_config
 
     try:
         build(resolve_config(raw))
@@ -283,7 +283,7 @@ VALID = {
 
 def test_importing_the_engine_and_its_cli_loads_no_strategy_callback_or_tracker() -> None:
     code = (
-        "import sys, engine, engine.cli; "
+        "import sys, engine, engine.cli.main; "
         "print(sorted(m for m in ('strategies', 'callbacks', 'matplotlib', 'tensorboard', "
         "'mlflow', 'wandb') if m in sys.modules))"
     )

@@ -1,4 +1,4 @@
-"""engine/config_file.py: loading, overrides, checking, and the TOML writer."""
+"""engine/config/file.py: loading, overrides, checking, and the TOML writer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine import ConfigError, EngineConfig
-from engine.config_file import (
+from engine.config.file import (
     apply_overrides,
     dump_toml,
     load_config_file,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from engine import DataError, World
-from engine.data import make_batches
+from engine.data.batches import make_batches
 
 
 def _batches(data: object, **overrides: object):  # type: ignore[no-untyped-def]
@@ -152,7 +152,7 @@ def test_bad_data_is_a_clear_error(data: object, message: str) -> None:
 
 @given(n=st.integers(1, 50), batch_size=st.integers(1, 8), world_size=st.integers(1, 4))
 def test_ranks_split_every_global_batch(n: int, batch_size: int, world_size: int) -> None:
-    from engine.data import batch_bounds
+    from engine.data.batches import batch_bounds
 
     per_rank = [
         batch_bounds(n, batch_size, False, World(rank=r, world_size=world_size))

@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import strategies
 from engine import ConfigError, DataError, Engine, EngineConfig, OptimizerSpec, World
-from engine.data import batch_bounds, epoch_order, make_batches
-from engine.distributed import (
+from engine.data.batches import batch_bounds, epoch_order, make_batches
+from engine.distributed.collectives import (
     _buckets,
     average_gradients,
     broadcast_module,
     sum_named_over_ranks,
     sum_over_ranks,
 )
-from engine.distributed_session import launch_environment, process_group
+from engine.distributed.session import launch_environment, process_group
 from engine.errors import DistributedError
 from tests import distributed_worker as worker
 

@@ -1,4 +1,4 @@
-"""Device placement and one-batch-ahead prefetch (``engine/prefetch.py``).
+"""Device placement and one-batch-ahead prefetch (``engine/data/prefetch.py``).
 
 The CUDA path is checked here on the CPU with the CUDA stream API mocked: what matters is the
 order of operations (copy ``i + 1`` issued before batch ``i`` is used; the compute stream waits
@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.data import make_batches
-from engine.distributed import World
-from engine.prefetch import fits_on_device, move_to_device, prefetch_to_device, tensors_of
+from engine.data.batches import make_batches
+from engine.data.prefetch import fits_on_device, move_to_device, prefetch_to_device, tensors_of
+from engine.distributed.collectives import World
 
 CUDA = torch.device("cuda")
 

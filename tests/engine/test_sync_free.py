@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from engine import Engine, EngineConfig, Event, OptimizerSpec, Progress, StepContext
-from engine.distributed import World
-from engine.precision import autocast_factory
+from engine.distributed.collectives import World
+from engine.hardware.precision import autocast_factory
 from strategies import Adversarial, Coupled, Standard
 from tests.helpers import TinyRegressor
 

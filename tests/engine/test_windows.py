@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset
 
 import strategies
 from engine import Engine, EngineConfig, OptimizerSpec, World
-from engine.windows import in_windows
+from engine.data.windows import in_windows
 
 
 def _windows(placed: list[tuple[Any, int, int]]) -> list[list[Any]]:

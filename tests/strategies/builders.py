@@ -7,7 +7,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from engine.specs import OptimizerSpec
+from engine.config.specs import OptimizerSpec
 from strategies import Adversarial, Coupled, CoupledAdversarial
 from tests.strategies.toy import CoupledToy
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.specs import OptimizerSpec
+from engine.config.specs import OptimizerSpec
 from tests.strategies.builders import KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx, own_gradients, params_of
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import Engine, EngineConfig
-from engine.specs import OptimizerSpec
+from engine.config.specs import OptimizerSpec
 from strategies import Adversarial
 from tests.strategies.toy import CoupledToy, make_ctx
 

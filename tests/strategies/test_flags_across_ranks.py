@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.distributed import World
-from engine.specs import OptimizerSpec
+from engine.config.specs import OptimizerSpec
+from engine.distributed.collectives import World
 from strategies import CoupledAdversarial
 from tests.strategies.toy import CoupledToy, make_ctx
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from engine.config.specs import OptimizerSpec
 from engine.errors import StrategyError
-from engine.specs import OptimizerSpec
 from strategies import Adversarial, Coupled, CoupledAdversarial
 from strategies.groups import resolve_groups
 from tests.strategies.toy import CoupledToy, make_ctx

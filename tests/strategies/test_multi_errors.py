@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.errors import ConfigError, ModelOutputError, StrategyError
-from engine.specs import OptimizerSpec, SchedulerSpec
 from strategies import Adversarial, Coupled, CoupledAdversarial
 from tests.strategies.builders import KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import Engine, EngineConfig
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.errors import NonFiniteLossError
 from engine.events import Event
-from engine.specs import OptimizerSpec, SchedulerSpec
 from tests.strategies.builders import KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx
 

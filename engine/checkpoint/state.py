@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from loguru import logger
 
-from engine.checkpoint import LoadedCheckpoint
+from engine.checkpoint.format import LoadedCheckpoint
 from engine.errors import CheckpointError
 from engine.seeding import rng_states, seed_everything, set_rng_states
 
 if TYPE_CHECKING:
-    from engine.config import EngineConfig
+    from engine.config.engine_config import EngineConfig
     from engine.context import StepContext
-    from engine.distributed import World
+    from engine.distributed.collectives import World
     from engine.protocols import StepStrategy
     from engine.state import RunState
 

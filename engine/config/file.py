@@ -14,7 +14,7 @@ A run config has five sections::
 ``resolve_config`` checks all of it (unknown keys, wrong types, import paths that do not
 resolve, arguments a factory does not take) and raises one ``ConfigError`` naming the key, the
 value and what was expected, so that a bad config fails before any training. Which strategy and
-callback names exist is the CLI's business (``engine.cli``); this module knows only the shape.
+callback names exist is the CLI's business (``engine.cli.main``); this module knows only the shape.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 
 import attrs
 
-from engine.config import EngineConfig
+from engine.config.engine_config import EngineConfig
+from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.errors import ConfigError
-from engine.specs import OptimizerSpec, SchedulerSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -2,7 +2,7 @@
 
 A single process is a world of size one, where every operation here is free. Under ``torchrun``
 the environment variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` describe the world
-(``engine/distributed_session.py`` joins it). Every collective here is called by every rank in
+(``engine/distributed/session.py`` joins it). Every collective here is called by every rank in
 the same order: the strategies and the loop guarantee it. A failed or hung rank makes the others'
 pending collective fail with a ``DistributedError`` naming the operation (at once when the failed
 process ends, otherwise at the process group's timeout), never hang.

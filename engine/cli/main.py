@@ -1,7 +1,7 @@
 """The command line: ``strategy-engine fit|resume|evaluate|predict`` (also ``python -m engine``).
 
 This is the edge of the engine, the one module in ``engine/`` that knows the concrete
-strategies and callbacks: it turns a checked run config (``engine.config_file``) into a model,
+strategies and callbacks: it turns a checked run config (``engine.config.file``) into a model,
 data, a strategy and callbacks, and runs them. Those packages are imported inside functions, so
 ``import engine`` stays light. A bad config, or a bad value met during the run, is printed as
 one line (``error: ...``) without a traceback, and the exit code is 2.
@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import torch
 
-from engine.config_file import (
+from engine.config.file import (
     FactoryRef,
     RunConfig,
     apply_overrides,
@@ -38,7 +38,7 @@ from engine.config_file import (
     load_config_file,
     resolve_config,
 )
-from engine.distributed import current_world
+from engine.distributed.collectives import current_world
 from engine.errors import CheckpointError, ConfigError, DataError
 from engine.loop import Engine
 from engine.seeding import seed_everything

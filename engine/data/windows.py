@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from engine.distributed import World, collective, collective_device
+from engine.distributed.collectives import World, collective, collective_device
 
 
 def in_windows(

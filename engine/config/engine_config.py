@@ -2,7 +2,7 @@
 
 Every invalid value fails at construction with a ``ConfigError`` naming the field and the value,
 so a bad run never starts. Optimiser and scheduler choices live with the strategy (see
-``engine.specs``), not here.
+``engine.config.specs``), not here.
 """
 
 from __future__ import annotations

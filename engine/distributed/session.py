@@ -28,9 +28,9 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from engine.device import resolve_device
-from engine.distributed import World, collective, current_world
+from engine.distributed.collectives import World, collective, current_world
 from engine.errors import DistributedError
+from engine.hardware.device import resolve_device
 
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
 # How long leave_process_group releases the GIL so that collective threads can finish.

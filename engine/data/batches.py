@@ -22,9 +22,9 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from engine.distributed import World
+from engine.data.prefetch import fits_on_device, pin, prefetch_to_device
+from engine.distributed.collectives import World
 from engine.errors import DataError
-from engine.prefetch import fits_on_device, pin, prefetch_to_device
 
 # Above this many bytes, batches are gathered one by one instead of from a shuffled copy.
 _SHUFFLED_COPY_LIMIT = 512 * 2**20

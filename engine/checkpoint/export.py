@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from engine.checkpoint import fsync_dir, save_json_file, save_torch_file
+from engine.checkpoint.format import fsync_dir, save_json_file, save_torch_file
 
 
 def model_config(model: torch.nn.Module) -> dict[str, Any] | None:
