@@ -41,6 +41,13 @@ class StepStrategy(Protocol):
         """Losses for one batch, under no grad, changing no state."""
         ...
 
+    def predict_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, Any]:
+        """The model's outputs for one batch, under no grad, changing no state (the forward a
+        prediction uses: a two-phase GAN's generator phase, say)."""
+        ...
+
     def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
         """Step per-epoch schedulers (plateau schedulers read their metric from ``metrics``)."""
         ...

@@ -145,6 +145,15 @@ class Adversarial:
         ]
         return self._joint.step_metrics(self._joint.read_losses(outputs, ctx), outputs, ctx)
 
+    def predict_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, Any]:
+        """The model's outputs for one batch: its generator phase's forward in two-phase mode
+        (a GAN predicts samples or reconstructions with its generator)."""
+        if not self.two_phase:
+            return ctx.forward(model, batch)
+        return ctx.forward(model, batch, phase=GENERATOR)
+
     def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
         self._joint.end_epoch(metrics)
 

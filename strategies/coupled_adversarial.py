@@ -75,6 +75,12 @@ class CoupledAdversarial:
     ) -> Mapping[str, torch.Tensor]:
         return eval_single_forward(self._joint, model, batch, ctx)
 
+    def predict_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, Any]:
+        """The model's outputs for one batch (``Engine.predict`` keeps the per-sample ones)."""
+        return ctx.forward(model, batch)
+
     def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
         self._joint.end_epoch(metrics)
 

@@ -80,6 +80,12 @@ class Standard:
         outputs = ctx.forward(model, batch)
         return self._metrics(outputs, ctx.read_loss(outputs, self.loss_key), ctx)
 
+    def predict_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, Any]:
+        """The model's outputs for one batch (``Engine.predict`` keeps the per-sample ones)."""
+        return ctx.forward(model, batch)
+
     def _metrics(
         self, outputs: Mapping[str, Any], loss: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
