@@ -148,6 +148,7 @@ def test_fp16_uses_one_scaler_unscaled_before_clipping() -> None:
             self.inner = Standard(OptimizerSpec("SGD", lr=0.1))
             self.loss_keys = self.inner.loss_keys
             self.train_step, self.eval_step = self.inner.train_step, self.inner.eval_step
+            self.predict_step = self.inner.predict_step
             self.end_epoch, self.learning_rates = self.inner.end_epoch, self.inner.learning_rates
             self.state_dict, self.load_state_dict = (
                 self.inner.state_dict,
