@@ -41,51 +41,21 @@ from engine.checkpoint.format import (
 )
 from engine.checkpoint.state import capture, gather_rank_states
 from engine.checkpoint.writer import BackgroundWriter, snapshot
+from engine.config.validators import (
+    is_bool,
+    monitor_name,
+    non_negative_int,
+    one_of,
+    optional,
+    optional_bool,
+    plain_folder_name,
+    positive_int,
+)
 from engine.errors import ConfigError, NonFiniteLossError
 from engine.events import CHECKPOINT_PRIORITY
 from engine.state import RunState
 
 BEST_PREFIX = "best-"
-
-
-def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{attribute.name} must be a positive integer or None, got {value!r}")
-
-
-def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
-
-
-def _keep(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None:
-        _non_negative(instance, attribute, value)
-
-
-def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
-
-
-def _optional_bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be true, false or None, got {value!r}")
-
-
-def _mode(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value not in (None, "min", "max"):
-        raise ConfigError(f"mode must be one of ['min', 'max', None], got {value!r}")
-
-
-def _monitor(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"monitor must be a metric name such as 'eval/loss', got {value!r}")
-
-
-def _dirname(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
-        raise ConfigError(f"directory must be a plain folder name, got {value!r}")
 
 
 def _better(value: float, other: float, mode: str) -> bool:
@@ -121,19 +91,21 @@ class Checkpointing:
     that the interrupt is saved (see ``callbacks/interrupt_hold.py``).
     """
 
-    every_n_epochs: int | None = attrs.field(default=1, validator=_optional_positive)
-    every_n_steps: int | None = attrs.field(default=None, validator=_optional_positive)
-    keep_periodic: int | None = attrs.field(default=None, validator=_keep)
-    best_k: int = attrs.field(default=1, validator=_non_negative)
-    monitor: str | None = attrs.field(default=None, validator=_monitor)
-    mode: str | None = attrs.field(default=None, validator=_mode)
-    save_last: bool = attrs.field(default=True, validator=_bool)
-    save_on_exception: bool = attrs.field(default=True, validator=_bool)
-    export: bool = attrs.field(default=True, validator=_bool)
-    directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=_dirname)
-    durable: bool = attrs.field(default=True, validator=_bool)
-    background: bool | None = attrs.field(default=None, validator=_optional_bool)
-    hold_interrupts: bool = attrs.field(default=True, validator=_bool)
+    every_n_epochs: int | None = attrs.field(default=1, validator=optional(positive_int))
+    every_n_steps: int | None = attrs.field(default=None, validator=optional(positive_int))
+    keep_periodic: int | None = attrs.field(
+        default=None, validator=optional(non_negative_int, non_negative_int.what)
+    )
+    best_k: int = attrs.field(default=1, validator=non_negative_int)
+    monitor: str | None = attrs.field(default=None, validator=monitor_name)
+    mode: str | None = attrs.field(default=None, validator=one_of("min", "max", None))
+    save_last: bool = attrs.field(default=True, validator=is_bool)
+    save_on_exception: bool = attrs.field(default=True, validator=is_bool)
+    export: bool = attrs.field(default=True, validator=is_bool)
+    directory: str = attrs.field(default=CHECKPOINTS_DIR, validator=plain_folder_name)
+    durable: bool = attrs.field(default=True, validator=is_bool)
+    background: bool | None = attrs.field(default=None, validator=optional_bool)
+    hold_interrupts: bool = attrs.field(default=True, validator=is_bool)
     priority: int = CHECKPOINT_PRIORITY
     best_value: float | None = attrs.field(default=None, init=False)
     _folder: Path | None = attrs.field(default=None, init=False)

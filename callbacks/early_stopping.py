@@ -8,34 +8,15 @@ from typing import Any
 
 import attrs
 
+from engine.config.validators import (
+    finite_non_negative_number,
+    min_or_max,
+    monitor_name,
+    positive_int,
+)
 from engine.errors import ConfigError
 from engine.events import EARLY_STOPPING_PRIORITY
 from engine.state import RunState
-
-
-def _patience(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"patience must be a positive integer, got {value!r}")
-
-
-def _min_delta(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(f"min_delta must be a finite number >= 0, got {value!r}")
-
-
-def _mode(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value not in ("min", "max"):
-        raise ConfigError(f"mode must be one of ['min', 'max'], got {value!r}")
-
-
-def _monitor(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"monitor must be a metric name such as 'eval/loss', got {value!r}")
 
 
 @attrs.define(eq=False)
@@ -49,10 +30,10 @@ class EarlyStopping:
     every other handler of the epoch, and its counters are part of a checkpoint.
     """
 
-    monitor: str | None = attrs.field(default=None, validator=_monitor)
-    mode: str = attrs.field(default="min", validator=_mode)
-    patience: int = attrs.field(default=3, validator=_patience)
-    min_delta: float = attrs.field(default=0.0, validator=_min_delta)
+    monitor: str | None = attrs.field(default=None, validator=monitor_name)
+    mode: str = attrs.field(default="min", validator=min_or_max)
+    patience: int = attrs.field(default=3, validator=positive_int)
+    min_delta: float = attrs.field(default=0.0, validator=finite_non_negative_number)
     priority: int = EARLY_STOPPING_PRIORITY
     best: float | None = attrs.field(default=None, init=False)
     bad_epochs: int = attrs.field(default=0, init=False)

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from callbacks.extras import require_extra
+from engine.config.validators import non_empty_str
 from engine.errors import ConfigError
 from engine.state import RunState
 
@@ -62,7 +63,7 @@ class MLflow:
     """
 
     tracking_uri: str | None = None
-    experiment: str = "strategy-engine"
+    experiment: str = attrs.field(default="strategy-engine", validator=non_empty_str)
     run_name: str | None = None
     params: dict[str, Any] = attrs.field(factory=dict)
     log_artifacts: bool = True
@@ -72,8 +73,6 @@ class MLflow:
 
     def __attrs_post_init__(self) -> None:
         require_extra("mlflow", "mlflow", "The MLflow callback")
-        if not isinstance(self.experiment, str) or not self.experiment:
-            raise ConfigError(f"experiment must be a non-empty string, got {self.experiment!r}")
 
     def on_fit_start(self, run: RunState) -> None:
         if not run.is_main_process:

@@ -16,24 +16,9 @@ import attrs
 import torch
 
 from callbacks.extras import require_extra
+from engine.config.validators import figsize_inches, positive_int
 from engine.errors import ConfigError, ModelOutputError
 from engine.state import RunState
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
-def _figsize(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    ok = (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
-    )
-    if not ok:
-        raise ConfigError(f"figsize must be two positive numbers (inches), got {value!r}")
-
 
 # ----------------------------------------------------------------------------- images
 
@@ -186,11 +171,11 @@ class Plots:
     """
 
     image_batch: Any = None
-    every: int = attrs.field(default=1, validator=_positive_int)
-    columns: int = attrs.field(default=8, validator=_positive_int)
-    num_samples: int = attrs.field(default=16, validator=_positive_int)
-    figsize: tuple[float, float] = attrs.field(default=(6.4, 4.8), validator=_figsize)
-    dpi: int = attrs.field(default=100, validator=_positive_int)
+    every: int = attrs.field(default=1, validator=positive_int)
+    columns: int = attrs.field(default=8, validator=positive_int)
+    num_samples: int = attrs.field(default=16, validator=positive_int)
+    figsize: tuple[float, float] = attrs.field(default=(6.4, 4.8), validator=figsize_inches)
+    dpi: int = attrs.field(default=100, validator=positive_int)
     folder: str = "plots"
     priority: int = 0
     _drawn_epoch: int = attrs.field(default=-1, init=False)

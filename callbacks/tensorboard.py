@@ -11,13 +11,9 @@ import attrs
 
 from callbacks.extras import require_extra
 from callbacks.plots import autoencoder_images, tile_images
+from engine.config.validators import positive_int
 from engine.errors import ConfigError
 from engine.state import RunState
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
 @attrs.define(eq=False)
@@ -33,9 +29,9 @@ class TensorBoard:
 
     log_dir: str | None = None
     image_batch: Any = None
-    image_every: int = attrs.field(default=1, validator=_positive_int)
-    columns: int = attrs.field(default=8, validator=_positive_int)
-    num_samples: int = attrs.field(default=16, validator=_positive_int)
+    image_every: int = attrs.field(default=1, validator=positive_int)
+    columns: int = attrs.field(default=8, validator=positive_int)
+    num_samples: int = attrs.field(default=16, validator=positive_int)
     priority: int = 0
     _writer: Any = attrs.field(default=None, init=False)
 

@@ -12,15 +12,9 @@ import attrs
 
 from callbacks.extras import require_extra
 from callbacks.mlflow import run_params
+from engine.config.validators import one_of
 from engine.errors import ConfigError
 from engine.state import RunState
-
-_MODES = ("offline", "online", "disabled")
-
-
-def _mode(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value not in _MODES:
-        raise ConfigError(f"mode must be one of {list(_MODES)}, got {value!r}")
 
 
 @attrs.define(eq=False)
@@ -31,7 +25,7 @@ class WandB:
     exception)."""
 
     project: str = "strategy-engine"
-    mode: str = attrs.field(default="offline", validator=_mode)
+    mode: str = attrs.field(default="offline", validator=one_of("offline", "online", "disabled"))
     name: str | None = None
     dir: str | None = None
     entity: str | None = None

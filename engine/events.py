@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from engine.config.validators import instance_of, is_callable, optional, positive_int
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -86,28 +87,17 @@ class Event(enum.Enum):
         return f"on_{self.value}"
 
 
-def _check_filter(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
-
-
 @attrs.frozen
 class Subscription:
     """A plain function subscribed to one event, with its priority and filters."""
 
-    event: Event
-    handler: Handler
+    event: Event = attrs.field(validator=instance_of(Event))
+    handler: Handler = attrs.field(validator=is_callable)
     priority: int = 0
-    every: int | None = None
-    once: int | None = None
+    every: int | None = attrs.field(default=None, validator=optional(positive_int))
+    once: int | None = attrs.field(default=None, validator=optional(positive_int))
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.event, Event):
-            raise ConfigError(f"event must be an Event, got {self.event!r}")
-        if not callable(self.handler):
-            raise ConfigError(f"handler must be callable, got {self.handler!r}")
-        _check_filter("every", self.every)
-        _check_filter("once", self.once)
         if self.every is not None and self.once is not None:
             raise ConfigError(
                 f"give every= or once=, not both (every={self.every}, once={self.once})"

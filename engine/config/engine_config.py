@@ -7,80 +7,29 @@ so a bad run never starts. Optimiser and scheduler choices live with the strateg
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
+from engine.config.validators import (
+    device_name,
+    is_bool,
+    is_int,
+    min_or_max,
+    non_empty_str,
+    non_negative_int,
+    one_of,
+    optional,
+    plain_folder_name,
+    positive_int,
+    positive_number,
+)
 from engine.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NonFinitePolicy = Literal["raise", "skip"]
 MonitorMode = Literal["min", "max"]
-
-_DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
-def _optional_positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None:
-        _positive_int(instance, attribute, value)
-
-
-def _non_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
-
-
-def _optional_positive_float(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be a positive number or None, got {value!r}")
-
-
-def _one_of(*choices: Any) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value not in choices:
-            raise ConfigError(f"{attribute.name} must be one of {list(choices)}, got {value!r}")
-
-    return check
-
-
-def _positive_float(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
-
-
-def _device(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or not _DEVICE_PATTERN.fullmatch(value):
-        raise ConfigError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {value!r}")
-
-
-def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
-
-
-def _int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
-
-
-def _optional_str(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{attribute.name} must be a non-empty string or None, got {value!r}")
-
-
-def _run_name(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    _optional_str(instance, attribute, value)
-    if value is not None and ("/" in value or "\\" in value or value in (".", "..")):
-        raise ConfigError(f"run_name must be a plain folder name, got {value!r}")
 
 
 def _optional_path(value: Any) -> Path | None:
@@ -102,28 +51,28 @@ class EngineConfig:
     group, any collective) before it stops with an error.
     """
 
-    epochs: int = attrs.field(default=1, validator=_positive_int)
-    max_steps: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    batch_size: int = attrs.field(default=64, validator=_positive_int)
-    eval_batch_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    shuffle: bool = attrs.field(default=True, validator=_bool)
-    drop_last: bool = attrs.field(default=False, validator=_bool)
-    seed: int = attrs.field(default=0, validator=_int)
-    device: str = attrs.field(default="auto", validator=_device)
-    precision: Precision = attrs.field(default="fp32", validator=_one_of("fp32", "bf16", "fp16"))
-    grad_clip_norm: float | None = attrs.field(default=None, validator=_optional_positive_float)
-    accumulate_steps: int = attrs.field(default=1, validator=_positive_int)
-    eval_every: int = attrs.field(default=1, validator=_positive_int)
-    log_every: int = attrs.field(default=50, validator=_positive_int)
-    nonfinite: NonFinitePolicy = attrs.field(default="raise", validator=_one_of("raise", "skip"))
-    monitor: str | None = attrs.field(default=None, validator=_optional_str)
-    monitor_mode: MonitorMode = attrs.field(default="min", validator=_one_of("min", "max"))
-    num_workers: int = attrs.field(default=0, validator=_non_negative_int)
-    data_on_device: bool = attrs.field(default=True, validator=_bool)
-    compile: bool = attrs.field(default=False, validator=_bool)
+    epochs: int = attrs.field(default=1, validator=positive_int)
+    max_steps: int | None = attrs.field(default=None, validator=optional(positive_int))
+    batch_size: int = attrs.field(default=64, validator=positive_int)
+    eval_batch_size: int | None = attrs.field(default=None, validator=optional(positive_int))
+    shuffle: bool = attrs.field(default=True, validator=is_bool)
+    drop_last: bool = attrs.field(default=False, validator=is_bool)
+    seed: int = attrs.field(default=0, validator=is_int)
+    device: str = attrs.field(default="auto", validator=device_name)
+    precision: Precision = attrs.field(default="fp32", validator=one_of("fp32", "bf16", "fp16"))
+    grad_clip_norm: float | None = attrs.field(default=None, validator=optional(positive_number))
+    accumulate_steps: int = attrs.field(default=1, validator=positive_int)
+    eval_every: int = attrs.field(default=1, validator=positive_int)
+    log_every: int = attrs.field(default=50, validator=positive_int)
+    nonfinite: NonFinitePolicy = attrs.field(default="raise", validator=one_of("raise", "skip"))
+    monitor: str | None = attrs.field(default=None, validator=optional(non_empty_str))
+    monitor_mode: MonitorMode = attrs.field(default="min", validator=min_or_max)
+    num_workers: int = attrs.field(default=0, validator=non_negative_int)
+    data_on_device: bool = attrs.field(default=True, validator=is_bool)
+    compile: bool = attrs.field(default=False, validator=is_bool)
     output_dir: Path | None = attrs.field(default=Path("runs"), converter=_optional_path)
-    run_name: str | None = attrs.field(default=None, validator=_run_name)
-    distributed_timeout_s: float = attrs.field(default=600.0, validator=_positive_float)
+    run_name: str | None = attrs.field(default=None, validator=optional(plain_folder_name))
+    distributed_timeout_s: float = attrs.field(default=600.0, validator=positive_number)
 
     @property
     def effective_eval_batch_size(self) -> int:

@@ -33,6 +33,7 @@ import attrs
 
 from engine.config.engine_config import EngineConfig
 from engine.config.specs import OptimizerSpec, SchedulerSpec
+from engine.config.validators import Check, non_empty_str
 from engine.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -44,6 +45,10 @@ SECTIONS = ("model", "data", "strategy", "engine", "callbacks")
 REQUIRED_SECTIONS = ("model", "data", "strategy")
 DATA_KEYS = ("train", "eval")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_IMPORT_PATH_WHAT = "an import path 'package.module:callable'"
+_import_path = Check(
+    _IMPORT_PATH_WHAT, lambda value: isinstance(value, str) and bool(_IMPORT_PATH.fullmatch(value))
+)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -223,23 +228,26 @@ def _factory(
     key: str, value: Any, *, name_key: str = "factory", allow_names: bool = False
 ) -> FactoryRef:
     table = _table(key, value)
-    target = table.get(name_key)
-    if not isinstance(target, str) or not target:
-        raise ConfigError(
-            f"{key}.{name_key} must be "
-            + ("a registered name or " if allow_names else "")
-            + f"an import path 'package.module:callable', got {target!r}"
-        )
+    target = _name(
+        f"{key}.{name_key}",
+        table.get(name_key),
+        ("a registered name or " if allow_names else "") + _IMPORT_PATH_WHAT,
+    )
     args = {k: _deep_copy(v) for k, v in table.items() if k != name_key}
     if ":" in target or not allow_names:
         check_arguments(key, import_object(f"{key}.{name_key}", target), args)
     return FactoryRef(key, target, args)
 
 
+def _name(key: str, value: Any, what: str) -> str:
+    """``value``, a non-empty string; else a ``ConfigError`` "<key> must be <what>, got ..."."""
+    Check(what, non_empty_str.test).require(key, value)
+    return str(value)
+
+
 def import_object(key: str, path: str) -> Any:
     """The object at ``package.module:name``; a bad path is a ``ConfigError`` naming ``key``."""
-    if not isinstance(path, str) or not _IMPORT_PATH.fullmatch(path):
-        raise ConfigError(f"{key} must be an import path 'package.module:callable', got {path!r}")
+    _import_path.require(key, path)
     module_name, _, attribute = path.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -296,9 +304,7 @@ def _arguments_text(args: Mapping[str, Any]) -> str:
 
 
 def _strategy(table: Mapping[str, Any]) -> StrategyConfig:
-    name = table.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"strategy.name must be a strategy name (e.g. 'Standard'), got {name!r}")
+    name = _name("strategy.name", table.get("name"), "a strategy name (e.g. 'Standard')")
     optimizers = {
         role: _spec("optimizers", role, spec, OptimizerSpec)
         for role, spec in _table("strategy.optimizers", table.get("optimizers", {})).items()
@@ -327,9 +333,7 @@ def _strategy(table: Mapping[str, Any]) -> StrategyConfig:
 def _spec(kind: str, role: str, value: Any, spec_type: Any) -> Any:
     key = f"strategy.{kind}.{role}"
     table = _table(key, value)
-    name = table.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{key}.name must be a torch class name (e.g. 'Adam'), got {name!r}")
+    name = _name(f"{key}.name", table.get("name"), "a torch class name (e.g. 'Adam')")
     params = {k: v for k, v in table.items() if k != "name"}
     try:
         return spec_type(name, **params)

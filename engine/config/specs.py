@@ -16,6 +16,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
+from engine.config.validators import one_of
 from engine.errors import ConfigError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -132,7 +133,7 @@ class SchedulerSpec:
     """
 
     target: str | Callable[..., Any]
-    interval: SchedulerInterval
+    interval: SchedulerInterval = attrs.field(validator=one_of("epoch", "step"))
     monitor: str | None
     params: Mapping[str, Any]
 
@@ -146,8 +147,7 @@ class SchedulerSpec:
         **params: Any,
     ) -> None:
         resolved = _resolve("scheduler", target, scheduler_classes())
-        if interval not in ("epoch", "step"):
-            raise ConfigError(f"scheduler interval must be 'epoch' or 'step', got {interval!r}")
+        self.__attrs_init__(target, interval, monitor, dict(params))
         is_plateau = resolved is torch.optim.lr_scheduler.ReduceLROnPlateau
         if is_plateau and not monitor:
             raise ConfigError(
@@ -158,7 +158,6 @@ class SchedulerSpec:
             raise ConfigError(f"ReduceLROnPlateau steps per epoch, got interval={interval!r}")
         if isinstance(resolved, type):
             _check_keywords("scheduler", resolved, params, skip=1)
-        self.__attrs_init__(target, interval, monitor, dict(params))
 
     @property
     def name(self) -> str:

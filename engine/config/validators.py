@@ -3,12 +3,17 @@
 Each one raises ``ConfigError`` naming the field and the offending value, so a bad value fails
 where the object is built, never later in a run. Use them as ``attrs.field(validator=...)``;
 ``optional(check)`` lets ``None`` through as well. Messages say what the field must be in words
-a user can act on ("must be a positive integer, got 0").
+a user can act on ("must be a positive integer, got 0"). A value that is not an attrs field (a
+key of a config file, an argument) is checked the same way with ``check.require(name, value)``.
+
+A new check is one ``Check(what, test)``: ``what`` completes "<field> must be ...", ``test``
+says whether a value passes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +22,44 @@ import attrs
 from engine.errors import ConfigError
 
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+_DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
+@attrs.frozen
+class Check:
+    """An attrs field validator: refuses every value ``test`` rejects with a ``ConfigError``
+    "<field> must be <what>, got <value>"."""
+
+    what: str
+    test: Callable[[Any], bool]
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        self.require(attribute.name, value)
+
+    def require(self, name: str, value: Any) -> None:
+        """Refuse ``value`` unless it passes, naming it ``name`` in the message."""
+        if not self.test(value):
+            raise ConfigError(f"{name} must be {self.what}, got {value!r}")
+
+
+def optional(check: Check, what: str | None = None) -> Check:
+    """``check``, with ``None`` allowed too; the message says ``what`` (default: "... or None")."""
+    return Check(
+        what if what is not None else f"{check.what} or None",
+        lambda value: value is None or check.test(value),
+    )
+
+
+def one_of(*choices: Any) -> Check:
+    """The value must be one of ``choices`` (compared with ``==``)."""
+    return Check(f"one of {list(choices)}", lambda value: value in choices)
+
+
+def instance_of(kind: type) -> Check:
+    """The value must be an instance of ``kind``."""
+    article = "an" if kind.__name__[:1].lower() in "aeiou" else "a"
+    return Check(f"{article} {kind.__name__}", lambda value: isinstance(value, kind))
 
 
 def _is_int(value: Any) -> bool:
@@ -27,63 +70,41 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fail(attribute: attrs.Attribute[Any], what: str, value: Any, optional: bool) -> None:
-    suffix = " or None" if optional else ""
-    raise ConfigError(f"{attribute.name} must be {what}{suffix}, got {value!r}")
+def _is_folder_name(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and not {"/", "\\"} & set(value)
+        and value not in (".", "..")
+    )
 
 
-def _checker(what: str, test: Callable[[Any], bool]) -> Validator:
-    """A validator refusing every value ``test`` rejects, with the message "must be <what>"."""
-
-    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not test(value):
-            _fail(attribute, what, value, optional=False)
-
-    check.what = what  # type: ignore[attr-defined]  # read by optional() for its message
-    return check
+def _is_positive_pair(value: Any) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_is_number(v) and v > 0 for v in value)
+    )
 
 
-def optional(check: Validator) -> Validator:
-    """``check``, with ``None`` allowed too (the message then says "... or None")."""
-    what = getattr(check, "what", None)
-
-    def check_optional(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None:
-            return
-        if what is None:
-            check(instance, attribute, value)
-            return
-        try:
-            check(instance, attribute, value)
-        except ConfigError:
-            _fail(attribute, what, value, optional=True)
-
-    return check_optional
-
-
-positive_int = _checker("a positive integer", lambda v: _is_int(v) and v > 0)
-non_negative_int = _checker("a non-negative integer", lambda v: _is_int(v) and v >= 0)
-is_int = _checker("an integer", _is_int)
-is_bool = _checker("true or false", lambda v: isinstance(v, bool))
-positive_number = _checker("a positive number", lambda v: _is_number(v) and v > 0)
-finite_non_negative_number = _checker(
+positive_int = Check("a positive integer", lambda v: _is_int(v) and v > 0)
+non_negative_int = Check("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+is_int = Check("an integer", _is_int)
+is_bool = Check("true or false", lambda v: isinstance(v, bool))
+optional_bool = optional(is_bool, "true, false or None")
+is_callable = Check("callable", callable)
+positive_number = Check("a positive number", lambda v: _is_number(v) and v > 0)
+finite_non_negative_number = Check(
     "a finite number >= 0", lambda v: _is_number(v) and math.isfinite(v) and v >= 0
 )
-non_empty_str = _checker("a non-empty string", lambda v: isinstance(v, str) and bool(v))
-metric_name = _checker(
-    "a metric name such as 'eval/loss'", lambda v: isinstance(v, str) and bool(v)
+non_empty_str = Check("a non-empty string", lambda v: isinstance(v, str) and bool(v))
+metric_name = Check("a metric name such as 'eval/loss'", lambda v: isinstance(v, str) and bool(v))
+plain_folder_name = Check("a plain folder name", _is_folder_name)
+device_name = Check(
+    "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'",
+    lambda v: isinstance(v, str) and _DEVICE_PATTERN.fullmatch(v) is not None,
 )
-plain_folder_name = _checker(
-    "a plain folder name",
-    lambda v: isinstance(v, str) and bool(v) and not {"/", "\\"} & set(v) and v not in (".", ".."),
-)
-
-
-def one_of(*choices: Any) -> Validator:
-    """The value must be one of ``choices`` (compared with ``==``)."""
-    return _checker(f"one of {list(choices)}", lambda v: v in choices)
-
-
-def instance_of(kind: type) -> Validator:
-    """The value must be an instance of ``kind``."""
-    return _checker(f"a {kind.__name__}", lambda v: isinstance(v, kind))
+figsize_inches = Check("two positive numbers (inches)", _is_positive_pair)
+min_or_max = one_of("min", "max")
+# A callback's ``monitor``: a metric name, or None for the run's monitored metric.
+monitor_name = optional(metric_name, metric_name.what)
