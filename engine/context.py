@@ -32,6 +32,8 @@ class StepContext:
     ``micro_index``/``micro_count`` place the current batch in its accumulation window: the
     optimisers step when ``micro_index == micro_count - 1``; losses are divided by
     ``micro_count`` so that the accumulated gradient is that of the mean loss.
+    ``eval_with_grad``: evaluation and prediction run with gradients on (for models whose loss
+    calls ``torch.autograd.grad``: gradient penalties, HMC steps); nothing is stepped.
     """
 
     device: torch.device
@@ -45,6 +47,7 @@ class StepContext:
     forward_fn: ForwardFn = call_model
     micro_index: int = 0
     micro_count: int = 1
+    eval_with_grad: bool = False
 
     @property
     def is_update_step(self) -> bool:

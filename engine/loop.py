@@ -1,49 +1,68 @@
-"""The one training loop. ``engine/events.py`` carries it as pseudocode with every event.
+"""The one training loop. It reads top to bottom as this pseudocode (``engine/events.py`` has
+the same with the table of what fires when a run ends early)::
 
-``Engine.fit`` prepares a run (device, seed, strategy, batches, run folder), then
-``_run_epochs`` is the loop itself: per batch it fires BATCH_START, calls the strategy, keeps the
-metrics on the device, counts, fires BATCH_END. Everything else happens at interval or epoch
-boundaries.
+    fit(model, train, eval, resume):
+        prepare (engine/run_setup.py): read the checkpoint, seed, place the model, set up the
+            strategy, build batches, restore, open the run folder
+        FIT_START
+        for epoch:
+            EPOCH_START
+            for batch, its place in the accumulation window:          # _train_epoch
+                BATCH_START
+                metrics = strategy.train_step(model, batch, ctx)       # stays on the device
+                count the step; every log_every steps read the buffered metrics
+                BATCH_END
+                stop here on stop() or max_steps (the partial epoch ends the run)
+            summary = train means                                      # _end_epoch
+            if eval is due: EVAL_START; strategy.eval_step per batch; EVAL_END
+            learning rates; strategy.end_epoch(summary) (per-epoch schedulers); best value
+            EPOCH_END
+            stop here on stop() or max_steps
+        FIT_END
+        on any error or interrupt: EXCEPTION, then it propagates
+
+``evaluate`` and ``predict`` (``engine/evaluation.py``) run the strategy's ``eval_step`` and
+``predict_step`` outside ``fit``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from loguru import logger
 
-from engine.checkpoint.format import load_checkpoint, resolve_resume
-from engine.checkpoint.state import restore_run, restore_training
 from engine.config.engine_config import EngineConfig
 from engine.context import ForwardFn, StepContext, call_model
-from engine.data.batches import Batches, known_length, make_batches
-from engine.data.windows import in_windows
-from engine.distributed.collectives import (
-    World,
-    any_rank,
-    broadcast_buffers,
-    broadcast_module,
-    current_world,
-    sum_named_over_ranks,
-)
+from engine.data.windows import epoch_windows
+from engine.distributed.collectives import World, any_rank, current_world
 from engine.distributed.session import process_group
-from engine.errors import ConfigError, StrategyError
+from engine.errors import StrategyError
+from engine.evaluation import evaluate_batches, predict_batches
 from engine.events import Event, EventBus, Handler, Subscription
 from engine.hardware.compiling import compile_model, compiled_backward_settings
 from engine.hardware.device import resolve_device
-from engine.hardware.precision import autocast_factory, make_scaler
-from engine.metrics import MetricBuffer
+from engine.metrics import MetricBuffer, track_best
 from engine.protocols import StepStrategy
-from engine.run_dir import create_run_dir, log_file
-from engine.seeding import seed_everything
+from engine.run_dir import log_file
+from engine.run_setup import (
+    PreparedRun,
+    describe_start,
+    make_context,
+    make_eval_batches,
+    make_train_batches,
+    open_run,
+    place_model,
+    read_resume,
+    restore_training,
+)
 from engine.state import FitResult, Progress, RunState
 
-# The name under which evaluation's sample count travels with its metric sums.
-_SAMPLES = "\x00samples"
+_STRATEGY_METHODS = sorted(
+    name for name in dir(StepStrategy) if not name.startswith("_") and name != "loss_keys"
+) + ["loss_keys"]
 
 
 class Engine:
@@ -61,9 +80,10 @@ class Engine:
         forward: ForwardFn | None = None,
     ) -> None:
         if not isinstance(strategy, StepStrategy):
+            missing = [name for name in _STRATEGY_METHODS if not hasattr(strategy, name)]
             raise StrategyError(
-                f"strategy {strategy!r} does not implement the StepStrategy protocol "
-                "(setup, train_step, eval_step, end_epoch, learning_rates, state_dict, ...)"
+                f"strategy {strategy!r} does not implement the StepStrategy protocol: "
+                f"it lacks {missing}"
             )
         self.strategy = strategy
         self.config = config if config is not None else EngineConfig()
@@ -111,160 +131,118 @@ class Engine:
         (``engine/distributed/session.py``) and leaves it at the end.
         """
         with process_group(self.config.device, self.config.distributed_timeout_s):
-            return self._fit(model, train, eval, resume)
+            prepared = self._prepare(model, train, eval, resume)
+            self._train(prepared, model)
+            return _result(prepared.run, self._stop_requested)
 
-    def _fit(self, model: torch.nn.Module, train: Any, eval: Any, resume: Any) -> FitResult:
-        config = self.config
-        world = current_world()
-        checkpoint = None
-        if resume is not None:
-            path = resolve_resume(resume, config.output_dir, config.run_name)
-            checkpoint = load_checkpoint(path)
-        device = resolve_device(config.device, world.local_rank)
-        seed_everything(config.seed + world.rank)
-        _check_trainable(model)
-        model.to(device)
-        broadcast_module(model, world)
-        progress = Progress()
-        ctx = self._context(device, progress, world)
+    def _prepare(self, model: torch.nn.Module, train: Any, eval: Any, resume: Any) -> PreparedRun:
+        """Every step before the first batch, in order (``engine/run_setup.py``)."""
+        config, world = self.config, current_world()
+        checkpoint = read_resume(resume, config)
+        device = place_model(model, config, world)
+        ctx = make_context(config, device, Progress(), world, self.forward)
         self.strategy.setup(model, ctx)
-        train_batches = self._batches(
-            train,
-            "training",
-            config.batch_size,
-            config.shuffle,
-            config.drop_last,
-            device,
-            world,
-            lockstep=True,
-        )
-        eval_batches = (
-            None
-            if eval is None
-            else self._batches(
-                eval, "evaluation", config.effective_eval_batch_size, False, False, device, world
-            )
-        )
+        train_batches = make_train_batches(train, config, ctx)
+        eval_batches = None if eval is None else make_eval_batches(eval, config, ctx)
         if checkpoint is not None:
             restore_training(checkpoint, model, self.strategy, ctx, self.callbacks, config)
-        run_dir = None
-        if config.output_dir is not None and world.is_main:
-            resumed_dir = None if checkpoint is None else checkpoint.run_dir
-            run_dir = resumed_dir or create_run_dir(config.output_dir, config.run_name)
-        run = RunState(
-            engine=self,
-            model=model,
-            strategy=self.strategy,
-            config=config,
-            progress=progress,
-            run_dir=run_dir,
-            steps_per_epoch=known_length(train_batches),
-            is_main_process=world.is_main,
-            log=logger.bind(run=str(run_dir)),
-            context=ctx,
-            metric_buffer=MetricBuffer(),
-        )
-        if checkpoint is not None:
-            restore_run(checkpoint, run)
-        if run_dir is not None:
-            run.paths["run_dir"] = run_dir
-        run.monitor = config.monitor or _default_monitor(self.strategy, eval is not None)
+        run = open_run(self, model, ctx, train_batches, eval is not None, checkpoint)
         self._stop_requested = False
+        return PreparedRun(run, ctx, train_batches, eval_batches)
+
+    def _train(self, prepared: PreparedRun, model: torch.nn.Module) -> None:
+        """FIT_START, the epochs, FIT_END; EXCEPTION on any error before it propagates."""
+        run, config = prepared.run, self.config
         step_model = compile_model(model) if config.compile else model
-        compiled_settings = compiled_backward_settings(config.compile, len(self.strategy.loss_keys))
-        with log_file(run_dir), compiled_settings:
+        compiled = compiled_backward_settings(config.compile, len(self.strategy.loss_keys))
+        with log_file(run.run_dir), compiled:
             try:
-                if world.is_main:
-                    run.log.info(_describe_start(model, config, device, world, run_dir))
+                if run.is_main_process:
+                    run.log.info(describe_start(model, config, run))
                 self.bus.fire(Event.FIT_START, run)
-                self._run_epochs(run, step_model, ctx, train_batches, eval_batches)
+                self._run_epochs(run, step_model, prepared)
                 self.bus.fire(Event.FIT_END, run)
-                if world.is_main:
+                if run.is_main_process:
                     run.log.info(
-                        f"fit done: {progress.step} steps, {progress.epoch} epochs, "
+                        f"fit done: {run.progress.step} steps, {run.progress.epoch} epochs, "
                         f"best {run.monitor}={run.best_value}"
                     )
             except BaseException as error:
                 run.exception = error
                 self.bus.fire(Event.EXCEPTION, run)
                 raise
-        return FitResult(
-            history=run.history,
-            monitor=run.monitor,
-            best_value=run.best_value,
-            best_epoch=run.best_epoch,
-            run_dir=run_dir,
-            paths=dict(run.paths),
-            steps=progress.step,
-            skipped_steps=progress.skipped_steps,
-            stopped_early=self._stop_requested,
-        )
 
-    def _run_epochs(
+    def _run_epochs(self, run: RunState, model: torch.nn.Module, prepared: PreparedRun) -> None:
+        for epoch in range(run.progress.epoch, self.config.epochs):
+            started = time.perf_counter()
+            self.bus.fire(Event.EPOCH_START, run)
+            if not self._train_epoch(run, model, prepared, epoch):
+                return  # the partial epoch's metrics stay in run.metric_buffer for a checkpoint
+            self._end_epoch(run, model, prepared, epoch, started)
+            if self._stop_now(prepared.context.world, True) or self._at_max_steps(run):
+                return
+
+    def _train_epoch(
+        self, run: RunState, model: torch.nn.Module, prepared: PreparedRun, epoch: int
+    ) -> bool:
+        """The batches of one epoch (from where a resumed run left it); false when the run
+        stopped inside the epoch (``stop()`` or ``max_steps`` before its last batch)."""
+        config, progress, ctx, fire = self.config, run.progress, prepared.context, self.bus.fire
+        train_step, buffer = self.strategy.train_step, run.metric_buffer or MetricBuffer()
+        model.train()
+        first = progress.batch_in_epoch
+        steps_left = None if config.max_steps is None else config.max_steps - progress.step
+        batches = prepared.train_batches.epoch(epoch, start=first)
+        placed = epoch_windows(
+            batches, first, run.steps_per_epoch, steps_left, config.accumulate_steps, ctx.world
+        )
+        for batch, micro_index, micro_count in placed:
+            fire(Event.BATCH_START, run)
+            ctx.micro_index, ctx.micro_count = micro_index, micro_count
+            metrics = train_step(model, batch, ctx)
+            buffer.add(progress.step, metrics)
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            run.step_metrics = metrics
+            at_log = progress.step % config.log_every == 0
+            if at_log:
+                run.logged_metrics = buffer.flush(ctx.world)
+            fire(Event.BATCH_END, run)
+            if self._stop_now(ctx.world, at_log) or self._at_max_steps(run):
+                return progress.batch_in_epoch == run.steps_per_epoch
+        return True
+
+    def _end_epoch(
         self,
         run: RunState,
         model: torch.nn.Module,
-        ctx: StepContext,
-        train_batches: Batches,
-        eval_batches: Batches | None,
+        prepared: PreparedRun,
+        epoch: int,
+        started: float,
     ) -> None:
-        config, progress, fire = self.config, run.progress, self.bus.fire
-        train_step = self.strategy.train_step
-        buffer = run.metric_buffer or MetricBuffer()
-        steps_per_epoch = run.steps_per_epoch
-        for epoch in range(progress.epoch, config.epochs):
-            started = time.perf_counter()
-            fire(Event.EPOCH_START, run)
-            model.train()
-            first = progress.batch_in_epoch
-            limit = None if config.max_steps is None else first + config.max_steps - progress.step
-            placed = in_windows(
-                train_batches.epoch(epoch, start=first),
-                first,
-                _known_total(steps_per_epoch, limit),
-                limit,
-                config.accumulate_steps,
-                ctx.world,
-            )
-            finished_epoch = True
-            for batch, micro_index, micro_count in placed:
-                fire(Event.BATCH_START, run)
-                ctx.micro_index, ctx.micro_count = micro_index, micro_count
-                metrics = train_step(model, batch, ctx)
-                buffer.add(progress.step, metrics)
-                progress.step += 1
-                progress.batch_in_epoch += 1
-                run.step_metrics = metrics
-                at_log = progress.step % config.log_every == 0
-                if at_log:
-                    run.logged_metrics = buffer.flush(ctx.world)
-                fire(Event.BATCH_END, run)
-                if self._stop_now(ctx.world, at_log) or progress.step == config.max_steps:
-                    finished_epoch = progress.batch_in_epoch == steps_per_epoch
-                    break
-            if not finished_epoch:
-                return  # the partial epoch's metrics stay in run.metric_buffer for a checkpoint
-            summary = {"epoch": float(epoch)}
-            summary.update({f"train/{k}": v for k, v in buffer.epoch_means(ctx.world).items()})
-            if eval_batches is not None and (epoch + 1) % config.eval_every == 0:
-                fire(Event.EVAL_START, run)
-                run.eval_metrics = {
-                    f"eval/{k}": v for k, v in self._evaluate(model, eval_batches, ctx).items()
-                }
-                summary.update(run.eval_metrics)
-                fire(Event.EVAL_END, run)
-            summary.update(self.strategy.learning_rates())
-            summary["skipped_steps"] = float(progress.skipped_steps)
-            summary["seconds"] = time.perf_counter() - started
-            self.strategy.end_epoch(summary, ctx)
-            _track_best(run, summary, epoch, config.monitor_mode)
-            run.epoch_metrics = summary
-            run.history.append(summary)
-            progress.epoch = epoch + 1
-            progress.batch_in_epoch = 0
-            fire(Event.EPOCH_END, run)
-            if self._stop_now(ctx.world, True) or progress.step == config.max_steps:
-                return
+        """Train means, evaluation when due, per-epoch schedulers, the best value, EPOCH_END."""
+        config, ctx, buffer = self.config, prepared.context, run.metric_buffer or MetricBuffer()
+        summary = {"epoch": float(epoch)}
+        summary.update({f"train/{k}": v for k, v in buffer.epoch_means(ctx.world).items()})
+        if prepared.eval_batches is not None and (epoch + 1) % config.eval_every == 0:
+            self.bus.fire(Event.EVAL_START, run)
+            metrics = evaluate_batches(self.strategy, model, prepared.eval_batches, ctx)
+            run.eval_metrics = {f"eval/{k}": v for k, v in metrics.items()}
+            summary.update(run.eval_metrics)
+            self.bus.fire(Event.EVAL_END, run)
+        summary.update(self.strategy.learning_rates())
+        summary["skipped_steps"] = float(run.progress.skipped_steps)
+        summary["seconds"] = time.perf_counter() - started
+        self.strategy.end_epoch(summary, ctx)
+        track_best(run, summary, epoch, config.monitor_mode)
+        run.epoch_metrics = summary
+        run.history.append(summary)
+        run.progress.epoch = epoch + 1
+        run.progress.batch_in_epoch = 0
+        self.bus.fire(Event.EPOCH_END, run)
+
+    def _at_max_steps(self, run: RunState) -> bool:
+        return run.progress.step == self.config.max_steps
 
     def _stop_now(self, world: World, boundary: bool) -> bool:
         """Whether the run stops here. One process stops as soon as ``stop()`` was called.
@@ -278,166 +256,47 @@ class Engine:
             return self._stop_requested
         return False
 
-    # ------------------------------------------------------------- evaluate
+    # ---------------------------------------------------- evaluate, predict
 
     def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
-        """Mean of each loss over every sample of ``data``; changes no state of training."""
-        device, world, ctx = self._standalone(model)
-        batches = self._batches(
-            data, "evaluation", self.config.effective_eval_batch_size, False, False, device, world
+        """Mean of each of the strategy's eval metrics over every sample of ``data`` (each rank
+        evaluates its shard under torchrun); changes no state of training.
+
+        Moves ``model`` to the config's device (as ``fit`` does) and leaves it there; the
+        strategy must have been set up (by ``fit``, or ``strategy.setup`` by hand).
+        """
+        ctx = self._standalone_context(model, current_world())
+        return evaluate_batches(
+            self.strategy, model, make_eval_batches(data, self.config, ctx), ctx
         )
-        return self._evaluate(model, batches, ctx)
-
-    def _evaluate(
-        self, model: torch.nn.Module, batches: Batches, ctx: StepContext
-    ) -> dict[str, float]:
-        broadcast_buffers(model, ctx.world)  # every rank evaluates rank 0's model
-        was_training = model.training
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        samples = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for batch in batches.epoch(0):
-                size = _batch_size(batch)
-                for key, value in self.strategy.eval_step(model, batch, ctx).items():
-                    weighted = value.detach().double() * size
-                    sums[key] = sums[key] + weighted if key in sums else weighted
-                samples += size
-        model.train(was_training)
-        totals = sum_named_over_ranks({**sums, _SAMPLES: samples}, ctx.world)
-        count = totals.pop(_SAMPLES)
-        return {key: value / count for key, value in totals.items()}
-
-    # -------------------------------------------------------------- predict
 
     def predict(self, model: torch.nn.Module, data: Any) -> dict[str, torch.Tensor]:
-        """The model's per-sample outputs over ``data`` (e.g. ``recon_x``, ``z``), concatenated
-        per key on the CPU; scalar outputs (losses) are left out. Under several processes every
-        rank predicts all of ``data``."""
-        device, _, ctx = self._standalone(model)
-        batches = self._batches(
-            data, "prediction", self.config.effective_eval_batch_size, False, False, device, World()
-        )
-        was_training = model.training
-        model.eval()
-        parts: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad():
-            for batch in batches.epoch(0):
-                size = _batch_size(batch)
-                for key, value in ctx.forward(model, batch).items():
-                    if isinstance(value, torch.Tensor) and value.ndim > 0 and len(value) == size:
-                        parts.setdefault(key, []).append(value.detach().cpu())
-        model.train(was_training)
-        return {key: torch.cat(values) for key, values in parts.items()}
+        """The model's per-sample outputs over ``data`` (e.g. ``recon_x``, ``z``) from the
+        strategy's ``predict_step`` (a two-phase GAN predicts with its generator's forward),
+        concatenated per key on the CPU; scalar outputs (losses) are left out. Under several
+        processes every rank predicts all of ``data``.
 
-    # -------------------------------------------------------------- helpers
+        Moves ``model`` to the config's device (as ``fit`` does) and leaves it there.
+        """
+        ctx = self._standalone_context(model, World())
+        batches = make_eval_batches(data, self.config, ctx, name="prediction")
+        return predict_batches(self.strategy, model, batches, ctx)
 
-    def _context(self, device: torch.device, progress: Progress, world: World) -> StepContext:
-        config = self.config
-        return StepContext(
-            device=device,
-            precision=config.precision,
-            autocast=autocast_factory(device, config.precision),
-            scaler=make_scaler(device, config.precision),
-            grad_clip_norm=config.grad_clip_norm,
-            nonfinite=config.nonfinite,
-            progress=progress,
-            world=world,
-            forward_fn=self.forward,
-        )
-
-    def _standalone(self, model: torch.nn.Module) -> tuple[torch.device, World, StepContext]:
-        world = current_world()
-        device = resolve_device(self.config.device, world.local_rank)
+    def _standalone_context(self, model: torch.nn.Module, world: World) -> StepContext:
+        device = resolve_device(self.config.device, current_world().local_rank)
         model.to(device)
-        return device, world, self._context(device, Progress(), world)
-
-    def _batches(
-        self,
-        data: Any,
-        name: str,
-        batch_size: int,
-        shuffle: bool,
-        drop_last: bool,
-        device: torch.device,
-        world: World,
-        lockstep: bool = False,
-    ) -> Batches:
-        """``lockstep``: every rank must run the same number of batches (training); otherwise
-        a rank whose shard of the last batch is empty just runs one batch fewer."""
-        config = self.config
-        return make_batches(
-            data,
-            name=name,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            seed=config.seed,
-            device=device,
-            world=world,
-            on_device=config.data_on_device,
-            num_workers=config.num_workers,
-            lockstep=lockstep,
-        )
+        return make_context(self.config, device, Progress(), world, self.forward)
 
 
-def _check_trainable(model: torch.nn.Module) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(param.requires_grad for param in model.parameters()):
-        raise StrategyError(
-            f"model {type(model).__name__} has no trainable parameters "
-            f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad=True)"
-        )
-
-
-def _describe_start(
-    model: torch.nn.Module,
-    config: EngineConfig,
-    device: torch.device,
-    world: World,
-    run_dir: Any,
-) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (
-        f"fit start: {type(model).__name__} ({trainable:,} trainable parameters) on {device}, "
-        f"precision {config.precision}, {world.world_size} process(es), run folder {run_dir}"
+def _result(run: RunState, stopped_early: bool) -> FitResult:
+    return FitResult(
+        history=run.history,
+        monitor=run.monitor,
+        best_value=run.best_value,
+        best_epoch=run.best_epoch,
+        run_dir=run.run_dir,
+        paths=dict(run.paths),
+        steps=run.progress.step,
+        skipped_steps=run.progress.skipped_steps,
+        stopped_early=stopped_early,
     )
-
-
-def _default_monitor(strategy: StepStrategy, has_eval: bool) -> str:
-    return f"{'eval' if has_eval else 'train'}/{strategy.loss_keys[0]}"
-
-
-def _known_total(steps_per_epoch: int | None, limit: int | None) -> int | None:
-    """How many batches this epoch runs in all (counting those already done), if known."""
-    if steps_per_epoch is None or limit is None:
-        return steps_per_epoch
-    return min(steps_per_epoch, limit)
-
-
-def _track_best(run: RunState, metrics: Mapping[str, float], epoch: int, mode: str) -> None:
-    monitor = run.monitor
-    if monitor is None:
-        return
-    if monitor not in metrics:
-        if monitor.startswith("eval/") and not any(key.startswith("eval/") for key in metrics):
-            return  # no evaluation this epoch
-        raise ConfigError(
-            f"monitored metric {monitor!r} is not among this epoch's metrics {sorted(metrics)}"
-        )
-    value = metrics[monitor]
-    best = run.best_value
-    if best is None or (value < best if mode == "min" else value > best):
-        run.best_value, run.best_epoch = value, epoch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return int(value.shape[0])
-    raise ConfigError(f"can not tell the batch size of a {type(batch).__name__} batch")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.distributed.collectives import World, sum_over_ranks
-from engine.errors import NonFiniteLossError
+from engine.errors import ConfigError, NonFiniteLossError
+
+if TYPE_CHECKING:
+    from engine.state import RunState
 
 
 class MetricBuffer:
@@ -107,3 +110,22 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def track_best(run: RunState, metrics: Mapping[str, float], epoch: int, mode: str) -> None:
+    """Keep ``run.best_value``/``best_epoch`` for the monitored metric of an epoch's summary;
+    a monitor that names no metric of the epoch is an error (an ``eval/`` one waits for an
+    epoch with evaluation)."""
+    monitor = run.monitor
+    if monitor is None:
+        return
+    if monitor not in metrics:
+        if monitor.startswith("eval/") and not any(key.startswith("eval/") for key in metrics):
+            return  # no evaluation this epoch
+        raise ConfigError(
+            f"monitored metric {monitor!r} is not among this epoch's metrics {sorted(metrics)}"
+        )
+    value = metrics[monitor]
+    best = run.best_value
+    if best is None or (value < best if mode == "min" else value > best):
+        run.best_value, run.best_epoch = value, epoch

@@ -25,6 +25,24 @@ from loguru import logger
 from engine.distributed.collectives import World, collective, collective_device
 
 
+def epoch_windows(
+    batches: Iterator[Any],
+    start: int,
+    steps_per_epoch: int | None,
+    steps_left: int | None,
+    k: int,
+    world: World,
+) -> Iterator[tuple[Any, int, int]]:
+    """``(batch, micro_index, micro_count)`` for the rest of an epoch that resumes at batch
+    ``start``: ``steps_per_epoch`` batches in all when known (None for a stream), cut after
+    ``steps_left`` more batches when ``max_steps`` ends the run inside this epoch."""
+    limit = None if steps_left is None else start + steps_left
+    total = (
+        steps_per_epoch if limit is None or steps_per_epoch is None else min(steps_per_epoch, limit)
+    )
+    return in_windows(batches, start, total, limit, k, world)
+
+
 def in_windows(
     batches: Iterator[Any], start: int, total: int | None, limit: int | None, k: int, world: World
 ) -> Iterator[tuple[Any, int, int]]:

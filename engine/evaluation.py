@@ -1,0 +1,91 @@
+"""Evaluation and prediction loops: the strategy's losses averaged over every sample, and the
+model's per-sample outputs. Neither changes a parameter, an optimiser, or a random stream of
+training: the model runs in eval mode (its previous mode restored after), under a forked RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from loguru import logger
+
+from engine.context import StepContext
+from engine.data.batches import Batches
+from engine.distributed.collectives import broadcast_buffers, sum_named_over_ranks
+from engine.errors import ConfigError
+from engine.protocols import StepStrategy
+
+# The name under which evaluation's sample count travels with its metric sums.
+_SAMPLES = "\x00samples"
+
+
+def evaluate_batches(
+    strategy: StepStrategy, model: torch.nn.Module, batches: Batches, ctx: StepContext
+) -> dict[str, float]:
+    """Sample-weighted mean of each metric of ``strategy.eval_step`` over ``batches``, summed
+    over the ranks (each rank evaluates its own shard of rank 0's model)."""
+    broadcast_buffers(model, ctx.world)  # every rank evaluates rank 0's model
+    sums: dict[str, torch.Tensor] = {}
+    samples = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    with _inference(model, ctx):
+        for batch in batches.epoch(0):
+            size = batch_size(batch)
+            for key, value in strategy.eval_step(model, batch, ctx).items():
+                weighted = value.detach().double() * size
+                sums[key] = sums[key] + weighted if key in sums else weighted
+            samples += size
+    totals = sum_named_over_ranks({**sums, _SAMPLES: samples}, ctx.world)
+    count = totals.pop(_SAMPLES)
+    return {key: value / count for key, value in totals.items()}
+
+
+def predict_batches(
+    strategy: StepStrategy, model: torch.nn.Module, batches: Batches, ctx: StepContext
+) -> dict[str, torch.Tensor]:
+    """Per-sample outputs of ``strategy.predict_step`` (tensors whose first dimension is the
+    batch's size), concatenated per key on the CPU. Other outputs (losses, per-batch values such
+    as a codebook) are left out, and their names logged once."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    left_out: set[str] = set()
+    with _inference(model, ctx):
+        for batch in batches.epoch(0):
+            size = batch_size(batch)
+            for key, value in strategy.predict_step(model, batch, ctx).items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == size:
+                    parts.setdefault(key, []).append(value.detach().cpu())
+                else:
+                    left_out.add(key)
+    per_sample = {key: torch.cat(values) for key, values in parts.items()}
+    dropped = sorted(left_out - set(per_sample))
+    if dropped:
+        logger.info(f"predict: outputs {dropped} are not per-sample tensors and are left out")
+    return per_sample
+
+
+@contextmanager
+def _inference(model: torch.nn.Module, ctx: StepContext) -> Iterator[None]:
+    """Eval mode and a forked RNG for the duration, the model's mode restored after. Gradients
+    stay off unless ``ctx.eval_with_grad`` (models whose loss calls ``autograd.grad``)."""
+    was_training = model.training
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    grad = torch.enable_grad() if ctx.eval_with_grad else torch.no_grad()
+    with torch.random.fork_rng(devices=devices), grad:
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch: the first dimension of its first non-scalar tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    raise ConfigError(f"can not tell the batch size of a {type(batch).__name__} batch")

@@ -1,0 +1,220 @@
+"""Everything ``Engine.fit`` does before the first step, as named steps in the order they matter.
+
+1. ``read_resume``: load the checkpoint to resume from (refused before anything changes).
+2. ``place_model``: seed, pick the device, move the model there, give every rank rank 0's weights.
+3. ``setup_strategy``: the strategy builds its optimisers on the placed model.
+4. ``make_train_batches`` / ``make_eval_batches``: the data, sharded per rank.
+5. ``restore_training``: model, strategy, scaler and RNG streams from the checkpoint.
+6. ``open_run``: the run folder (the checkpoint's when resuming), the ``RunState`` handlers see,
+   its restored history and counters, and the monitored metric.
+
+Nothing here trains; ``engine/loop.py`` calls these in order and then runs the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+from loguru import logger
+
+from engine.checkpoint.format import LoadedCheckpoint, load_checkpoint, resolve_resume
+from engine.checkpoint.state import restore_run, restore_training
+from engine.config.engine_config import EngineConfig
+from engine.context import ForwardFn, StepContext
+from engine.data.batches import Batches, known_length, make_batches
+from engine.distributed.collectives import World, broadcast_module
+from engine.errors import ConfigError, StrategyError
+from engine.hardware.device import resolve_device
+from engine.hardware.precision import autocast_factory, make_scaler
+from engine.metrics import MetricBuffer
+from engine.protocols import StepStrategy
+from engine.run_dir import create_run_dir
+from engine.seeding import seed_everything
+from engine.state import Progress, RunState
+
+if TYPE_CHECKING:
+    from engine.loop import Engine
+
+__all__ = [
+    "PreparedRun",
+    "check_trainable",
+    "default_monitor",
+    "describe_start",
+    "make_context",
+    "make_eval_batches",
+    "make_train_batches",
+    "open_run",
+    "place_model",
+    "read_resume",
+    "restore_training",
+]
+
+
+@attrs.define(eq=False)
+class PreparedRun:
+    """A run ready for its first step: what handlers see, and the data to loop over."""
+
+    run: RunState
+    context: StepContext
+    train_batches: Batches
+    eval_batches: Batches | None
+
+
+def read_resume(resume: Any, config: EngineConfig) -> LoadedCheckpoint | None:
+    """The checkpoint ``resume`` names (``"last"``, a checkpoint or a run folder), or None."""
+    if resume is None:
+        return None
+    return load_checkpoint(resolve_resume(resume, config.output_dir, config.run_name))
+
+
+def place_model(model: torch.nn.Module, config: EngineConfig, world: World) -> torch.device:
+    """Seed this rank, move ``model`` to its device and give it rank 0's weights."""
+    device = resolve_device(config.device, world.local_rank)
+    seed_everything(config.seed + world.rank)
+    check_trainable(model)
+    model.to(device)
+    broadcast_module(model, world)
+    return device
+
+
+def check_trainable(model: Any) -> None:
+    """``model`` is a module with at least one parameter to train."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(param.requires_grad for param in model.parameters()):
+        raise StrategyError(
+            f"model {type(model).__name__} has no trainable parameters "
+            f"({sum(1 for _ in model.parameters())} parameters, none with requires_grad=True)"
+        )
+
+
+def make_context(
+    config: EngineConfig, device: torch.device, progress: Progress, world: World, forward: ForwardFn
+) -> StepContext:
+    """The ``StepContext`` lent to the strategy for a run (or for a standalone evaluation)."""
+    return StepContext(
+        device=device,
+        precision=config.precision,
+        autocast=autocast_factory(device, config.precision),
+        scaler=make_scaler(device, config.precision),
+        grad_clip_norm=config.grad_clip_norm,
+        nonfinite=config.nonfinite,
+        progress=progress,
+        world=world,
+        forward_fn=forward,
+    )
+
+
+def make_train_batches(data: Any, config: EngineConfig, ctx: StepContext) -> Batches:
+    """Training batches: shuffled per ``(seed, epoch)``; every rank runs the same count."""
+    return _batches(
+        data,
+        "training",
+        config,
+        config.batch_size,
+        ctx,
+        shuffle=config.shuffle,
+        drop_last=config.drop_last,
+        lockstep=True,
+    )
+
+
+def make_eval_batches(
+    data: Any, config: EngineConfig, ctx: StepContext, name: str = "evaluation"
+) -> Batches:
+    """Evaluation (or prediction) batches in order; each rank reads its own shard of
+    ``ctx.world`` (a one-process world reads everything)."""
+    return _batches(
+        data,
+        name,
+        config,
+        config.effective_eval_batch_size,
+        ctx,
+        shuffle=False,
+        drop_last=False,
+        lockstep=False,
+    )
+
+
+def _batches(
+    data: Any,
+    name: str,
+    config: EngineConfig,
+    batch_size: int,
+    ctx: StepContext,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    lockstep: bool,
+) -> Batches:
+    """``lockstep``: every rank must run the same number of batches (training); otherwise a rank
+    whose shard of the last batch is empty just runs one batch fewer."""
+    return make_batches(
+        data,
+        name=name,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        seed=config.seed,
+        device=ctx.device,
+        world=ctx.world,
+        on_device=config.data_on_device,
+        num_workers=config.num_workers,
+        lockstep=lockstep,
+    )
+
+
+def open_run(
+    engine: Engine,
+    model: torch.nn.Module,
+    ctx: StepContext,
+    train_batches: Batches,
+    has_eval: bool,
+    checkpoint: LoadedCheckpoint | None,
+) -> RunState:
+    """The run folder (created on the main process, or the resumed run's), the ``RunState``
+    handlers see with its history and counters restored, and the monitored metric."""
+    config, world = engine.config, ctx.world
+    run_dir: Path | None = None
+    if config.output_dir is not None and world.is_main:
+        resumed_dir = None if checkpoint is None else checkpoint.run_dir
+        run_dir = resumed_dir or create_run_dir(config.output_dir, config.run_name)
+    run = RunState(
+        engine=engine,
+        model=model,
+        strategy=engine.strategy,
+        config=config,
+        progress=ctx.progress,
+        run_dir=run_dir,
+        steps_per_epoch=known_length(train_batches),
+        is_main_process=world.is_main,
+        log=logger.bind(run=str(run_dir)),
+        context=ctx,
+        metric_buffer=MetricBuffer(),
+    )
+    if checkpoint is not None:
+        restore_run(checkpoint, run)
+    if run_dir is not None:
+        run.paths["run_dir"] = run_dir
+    run.monitor = config.monitor or default_monitor(engine.strategy, has_eval)
+    return run
+
+
+def default_monitor(strategy: StepStrategy, has_eval: bool) -> str:
+    """The metric best checkpoints follow unless the config names one: the first loss."""
+    return f"{'eval' if has_eval else 'train'}/{strategy.loss_keys[0]}"
+
+
+def describe_start(model: torch.nn.Module, config: EngineConfig, run: RunState) -> str:
+    """The first line of ``train.log``: what trains, where, how."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    world = run.context.world if run.context is not None else World()
+    device = run.context.device if run.context is not None else "?"
+    return (
+        f"fit start: {type(model).__name__} ({trainable:,} trainable parameters) on {device}, "
+        f"precision {config.precision}, {world.world_size} process(es), "
+        f"run folder {run.run_dir}"
+    )
