@@ -60,9 +60,7 @@ from engine.run_setup import (
 )
 from engine.state import FitResult, Progress, RunState
 
-_STRATEGY_METHODS = sorted(
-    name for name in dir(StepStrategy) if not name.startswith("_") and name != "loss_keys"
-) + ["loss_keys"]
+_STRATEGY_METHODS = sorted(name for name in dir(StepStrategy) if not name.startswith("_"))
 
 
 class Engine:
