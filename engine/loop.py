@@ -21,8 +21,7 @@ the same with the table of what fires when a run ends early)::
         FIT_END
         on any error or interrupt: EXCEPTION, then it propagates
 
-``evaluate`` and ``predict`` (``engine/evaluation.py``) run the strategy's ``eval_step`` and
-``predict_step`` outside ``fit``.
+``evaluate``/``predict`` run the strategy's ``eval_step``/``predict_step`` (engine/evaluation.py).
 """
 
 from __future__ import annotations
