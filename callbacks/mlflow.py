@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from callbacks.extras import require_extra
+from callbacks.tracking import interval_metrics
 from engine.config.validators import non_empty_str
 from engine.errors import ConfigError
 from engine.state import RunState
@@ -112,9 +113,9 @@ class MLflow:
         return f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri()
 
     def on_batch_end(self, run: RunState) -> None:
-        if self._client is None or run.progress.step % run.config.log_every != 0:
-            return
-        self._log({f"step/{k}": v for k, v in run.logged_metrics.items()}, run.progress.step)
+        metrics = interval_metrics(run)
+        if self._client is not None and metrics is not None:
+            self._log(metrics, run.progress.step)
 
     def on_epoch_end(self, run: RunState) -> None:
         if self._client is not None:

@@ -42,15 +42,9 @@ class ProgressBar:
             )
 
     def on_epoch_end(self, run: RunState) -> None:
-        self._close()
-
-    def on_fit_end(self, run: RunState) -> None:
-        self._close()
-
-    def on_exception(self, run: RunState) -> None:
-        self._close()
-
-    def _close(self) -> None:
+        """Close the epoch's bar; the run's end and an exception close it the same way."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    on_fit_end = on_exception = on_epoch_end

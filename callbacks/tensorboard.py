@@ -4,15 +4,14 @@ samples, written with ``torch.utils.tensorboard`` (optional extra ``strategy-eng
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import attrs
 
 from callbacks.extras import require_extra
 from callbacks.plots import autoencoder_images, tile_images
+from callbacks.tracking import interval_metrics, tracker_folder
 from engine.config.validators import positive_int
-from engine.errors import ConfigError
 from engine.state import RunState
 
 
@@ -39,27 +38,22 @@ class TensorBoard:
         require_extra("tensorboard", "tensorboard", "The TensorBoard callback")
 
     def on_fit_start(self, run: RunState) -> None:
-        if not run.is_main_process:
+        folder = tracker_folder(
+            run, self.log_dir, who="TensorBoard", option="log_dir", subfolder="tensorboard"
+        )
+        if folder is None:
             return
-        if self.log_dir is None and run.run_dir is None:
-            raise ConfigError(
-                "TensorBoard needs a folder: give log_dir=... or set EngineConfig.output_dir "
-                f"(output_dir={run.config.output_dir!r})"
-            )
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = Path(self.log_dir) if self.log_dir is not None else None
-        if folder is None and run.run_dir is not None:
-            folder = run.run_dir / "tensorboard"
-        assert folder is not None
         self._writer = SummaryWriter(log_dir=str(folder))
         run.paths["tensorboard"] = folder
 
     def on_batch_end(self, run: RunState) -> None:
-        if self._writer is None or run.progress.step % run.config.log_every != 0:
+        metrics = interval_metrics(run)
+        if self._writer is None or metrics is None:
             return
-        for key, value in run.logged_metrics.items():
-            self._writer.add_scalar(f"step/{key}", value, run.progress.step)
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, run.progress.step)
 
     def on_epoch_end(self, run: RunState) -> None:
         if self._writer is None:
@@ -74,12 +68,9 @@ class TensorBoard:
         self._writer.flush()
 
     def on_fit_end(self, run: RunState) -> None:
-        self._close()
-
-    def on_exception(self, run: RunState) -> None:
-        self._close()
-
-    def _close(self) -> None:
+        """Close the writer; an exception closes it the same way."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    on_exception = on_fit_end

@@ -12,8 +12,8 @@ import attrs
 
 from callbacks.extras import require_extra
 from callbacks.mlflow import run_params
+from callbacks.tracking import interval_metrics, tracker_folder
 from engine.config.validators import one_of
-from engine.errors import ConfigError
 from engine.state import RunState
 
 
@@ -39,17 +39,11 @@ class WandB:
         require_extra("wandb", "wandb", "The WandB callback")
 
     def on_fit_start(self, run: RunState) -> None:
-        if not run.is_main_process:
+        folder = tracker_folder(run, self.dir, who="WandB", option="dir")
+        if folder is None:
             return
-        if self.dir is None and run.run_dir is None:
-            raise ConfigError(
-                "WandB needs a folder: give dir=... or set EngineConfig.output_dir "
-                f"(output_dir={run.config.output_dir!r})"
-            )
         import wandb
 
-        folder = Path(self.dir) if self.dir is not None else run.run_dir
-        assert folder is not None
         folder.mkdir(parents=True, exist_ok=True)
         name = self.name or (run.run_dir.name if run.run_dir is not None else None)
         self._run = wandb.init(
@@ -67,10 +61,9 @@ class WandB:
             run.paths["wandb"] = self.run_dir
 
     def on_batch_end(self, run: RunState) -> None:
-        if self._run is None or run.progress.step % run.config.log_every != 0:
-            return
-        metrics = {f"step/{k}": v for k, v in run.logged_metrics.items()}
-        self._run.log(metrics, step=run.progress.step)
+        metrics = interval_metrics(run)
+        if self._run is not None and metrics is not None:
+            self._run.log(metrics, step=run.progress.step)
 
     def on_epoch_end(self, run: RunState) -> None:
         if self._run is not None:
