@@ -15,7 +15,7 @@ from loguru import logger
 from engine.context import StepContext
 from engine.data.batches import Batches
 from engine.distributed.collectives import broadcast_buffers, sum_named_over_ranks
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ModelOutputError
 from engine.protocols import StepStrategy
 
 # The name under which evaluation's sample count travels with its metric sums.
@@ -33,13 +33,29 @@ def evaluate_batches(
     with _inference(model, ctx):
         for batch in batches.epoch(0):
             size = batch_size(batch)
-            for key, value in strategy.eval_step(model, batch, ctx).items():
+            for key, value in _eval_step(strategy, model, batch, ctx).items():
                 weighted = value.detach().double() * size
                 sums[key] = sums[key] + weighted if key in sums else weighted
             samples += size
     totals = sum_named_over_ranks({**sums, _SAMPLES: samples}, ctx.world)
     count = totals.pop(_SAMPLES)
     return {key: value / count for key, value in totals.items()}
+
+
+def _eval_step(
+    strategy: StepStrategy, model: torch.nn.Module, batch: Any, ctx: StepContext
+) -> Mapping[str, torch.Tensor]:
+    """``strategy.eval_step``; a model that needs gradients in its forward gets a hint."""
+    try:
+        return strategy.eval_step(model, batch, ctx)
+    except RuntimeError as error:
+        if ctx.eval_with_grad or "does not require grad" not in str(error):
+            raise
+        raise ModelOutputError(
+            f"the model's forward needs gradients during evaluation ({error}); its loss calls "
+            "torch.autograd.grad (a gradient penalty, HMC steps): set "
+            "EngineConfig(eval_with_grad=True)"
+        ) from error
 
 
 def predict_batches(

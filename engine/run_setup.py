@@ -105,6 +105,7 @@ def make_context(
         progress=progress,
         world=world,
         forward_fn=forward,
+        eval_with_grad=config.eval_with_grad,
     )
 
 

@@ -49,6 +49,9 @@ class EngineConfig:
     files at all (no run folder, no ``train.log``).
     ``distributed_timeout_s`` bounds how long a rank waits for the others (joining the process
     group, any collective) before it stops with an error.
+    ``eval_with_grad`` runs evaluation and prediction with gradients on (still in eval mode, no
+    optimiser touched, the RNG forked): for models whose loss calls ``torch.autograd.grad``
+    (gradient penalties, HMC steps in HVAE/RHVAE); it costs the memory of a backward graph.
     """
 
     epochs: int = attrs.field(default=1, validator=positive_int)
@@ -73,6 +76,7 @@ class EngineConfig:
     output_dir: Path | None = attrs.field(default=Path("runs"), converter=_optional_path)
     run_name: str | None = attrs.field(default=None, validator=optional(plain_folder_name))
     distributed_timeout_s: float = attrs.field(default=600.0, validator=positive_number)
+    eval_with_grad: bool = attrs.field(default=False, validator=is_bool)
 
     @property
     def effective_eval_batch_size(self) -> int:
