@@ -33,28 +33,12 @@ import attrs
 import torch
 
 from engine.config.specs import OptimizerSpec, SchedulerSpec
+from engine.config.validators import is_bool, positive_int
 from engine.context import StepContext
-from engine.errors import ConfigError
 from strategies.groups import DISCRIMINATOR, GENERATOR, GroupChoice
-from strategies.joint import (
-    ClipChoice,
-    JointUpdates,
-    eval_single_forward,
-    joint_from_fields,
-    train_single_forward,
-)
-
-ROLES = (GENERATOR, DISCRIMINATOR)
-
-
-def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
-def _is_bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{attribute.name} must be True or False, got {value!r}")
+from strategies.joint import JointUpdates, eval_step_of, joint_updates, train_step_of
+from strategies.joint_methods import LIFECYCLE, eval_one_forward, train_one_forward
+from strategies.roles import LOSS_KEY, OPTIMIZER_SPEC, SCHEDULER_SPEC, ClipChoice, RoleFields
 
 
 @attrs.define(eq=False)
@@ -67,83 +51,64 @@ class Adversarial:
     ``{role: norm}``; ``metrics`` names further scalar outputs to log (e.g. ``recon_loss``).
     """
 
-    generator: OptimizerSpec
-    discriminator: OptimizerSpec
-    generator_scheduler: SchedulerSpec | None = None
-    discriminator_scheduler: SchedulerSpec | None = None
-    n_critic: int = attrs.field(default=1, validator=_positive_int)
-    two_phase: bool = attrs.field(default=False, validator=_is_bool)
-    generator_loss_key: str = "autoencoder_loss"
-    discriminator_loss_key: str = "discriminator_loss"
+    joint: JointUpdates = attrs.field(init=False, repr=False)
+    generator: OptimizerSpec = attrs.field(validator=OPTIMIZER_SPEC)
+    discriminator: OptimizerSpec = attrs.field(validator=OPTIMIZER_SPEC)
+    generator_scheduler: SchedulerSpec | None = attrs.field(default=None, validator=SCHEDULER_SPEC)
+    discriminator_scheduler: SchedulerSpec | None = attrs.field(
+        default=None, validator=SCHEDULER_SPEC
+    )
+    n_critic: int = attrs.field(default=1, validator=positive_int)
+    two_phase: bool = attrs.field(default=False, validator=is_bool)
+    generator_loss_key: str = attrs.field(default="autoencoder_loss", validator=LOSS_KEY)
+    discriminator_loss_key: str = attrs.field(default="discriminator_loss", validator=LOSS_KEY)
     grad_clip_norm: ClipChoice = None
     groups: GroupChoice = None
     metrics: tuple[str, ...] = ()
-    _joint: JointUpdates = attrs.field(init=False)
-    _windows: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._joint = joint_from_fields(self, ROLES)
+        generator = RoleFields(self.generator, self.generator_scheduler, self.generator_loss_key)
+        discriminator = RoleFields(
+            self.discriminator, self.discriminator_scheduler, self.discriminator_loss_key
+        )
+        self.joint = joint_updates(
+            {GENERATOR: generator, DISCRIMINATOR: discriminator},
+            self.grad_clip_norm,
+            self.groups,
+            self.metrics,
+            every={GENERATOR: self.n_critic},
+        )
 
     @property
     def loss_keys(self) -> tuple[str, ...]:
         """The generator's loss first; in two-phase mode the discriminator's, which every
         window reports (an epoch shorter than ``n_critic`` windows has no generator loss)."""
-        keys = self._joint.loss_keys
-        return tuple(reversed(keys)) if self.two_phase else keys
-
-    @property
-    def joint(self) -> JointUpdates:
-        """The updates (optimisers, schedulers, groups) by role, once set up."""
-        return self._joint
+        first, second = self.generator_loss_key, self.discriminator_loss_key
+        if self.two_phase:
+            first, second = second, first
+        return tuple(dict.fromkeys((first, second)))
 
     @property
     def windows(self) -> int:
         """Optimiser windows completed so far: the position in the alternation schedule."""
-        return self._windows
+        return self.joint.windows
 
     @property
     def is_generator_window(self) -> bool:
         """Whether the generator updates in the current window."""
-        return self._windows % self.n_critic == self.n_critic - 1
+        return self.joint.scheduled(GENERATOR)
 
-    def setup(self, model: torch.nn.Module, ctx: StepContext) -> None:
-        self._joint.setup(model, ctx)
+    setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
 
     def train_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext
     ) -> Mapping[str, torch.Tensor]:
-        generator_on = self.is_generator_window
-        if self.two_phase:
-            metrics = self._train_two_phase(model, batch, ctx, generator_on)
-        else:
-            metrics = train_single_forward(
-                self._joint, model, batch, ctx, scheduled=(generator_on, True)
-            )
-        if ctx.is_update_step:
-            self._windows += 1
-        return metrics
-
-    def _train_two_phase(
-        self, model: torch.nn.Module, batch: Any, ctx: StepContext, generator_on: bool
-    ) -> dict[str, torch.Tensor]:
-        critic = ctx.forward(model, batch, phase=DISCRIMINATOR)
-        generator = ctx.forward(model, batch, phase=GENERATOR) if generator_on else None
-        outputs = [generator, critic]
-        losses = self._joint.read_losses(outputs, ctx)
-        if not self._joint.train(losses, self._joint.read_flags(outputs, ctx), ctx):
-            return {}
-        return self._joint.step_metrics(losses, outputs, ctx)
-
-    def eval_step(
-        self, model: torch.nn.Module, batch: Any, ctx: StepContext
-    ) -> Mapping[str, torch.Tensor]:
         if not self.two_phase:
-            return eval_single_forward(self._joint, model, batch, ctx)
-        outputs = [
-            ctx.forward(model, batch, phase=GENERATOR),
-            ctx.forward(model, batch, phase=DISCRIMINATOR),
-        ]
-        return self._joint.step_metrics(self._joint.read_losses(outputs, ctx), outputs, ctx)
+            return train_one_forward(self, model, batch, ctx)
+        outputs = {DISCRIMINATOR: ctx.forward(model, batch, phase=DISCRIMINATOR)}
+        if self.is_generator_window:  # the generator's forward runs only in its windows
+            outputs[GENERATOR] = ctx.forward(model, batch, phase=GENERATOR)
+        return train_step_of(self.joint, outputs, ctx)
 
     def predict_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext
@@ -154,15 +119,13 @@ class Adversarial:
             return ctx.forward(model, batch)
         return ctx.forward(model, batch, phase=GENERATOR)
 
-    def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
-        self._joint.end_epoch(metrics)
-
-    def learning_rates(self) -> dict[str, float]:
-        return self._joint.learning_rates()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._joint.state_dict(), "windows": self._windows}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._joint.load_state_dict(state)
-        self._windows = int(state.get("windows", 0))
+    def eval_step(
+        self, model: torch.nn.Module, batch: Any, ctx: StepContext
+    ) -> Mapping[str, torch.Tensor]:
+        if not self.two_phase:
+            return eval_one_forward(self, model, batch, ctx)
+        outputs = {
+            GENERATOR: ctx.forward(model, batch, phase=GENERATOR),
+            DISCRIMINATOR: ctx.forward(model, batch, phase=DISCRIMINATOR),
+        }
+        return eval_step_of(self.joint, outputs, ctx)

@@ -8,24 +8,14 @@ CoupledOptimizerAdversarialTrainer lets the discriminator loss leak into the dec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import attrs
-import torch
 
 from engine.config.specs import OptimizerSpec, SchedulerSpec
-from engine.context import StepContext
-from strategies.groups import GroupChoice
-from strategies.joint import (
-    ClipChoice,
-    JointUpdates,
-    eval_single_forward,
-    joint_from_fields,
-    train_single_forward,
-)
-
-ROLES = ("encoder", "decoder", "discriminator")
+from strategies.coupled import DECODER, ENCODER
+from strategies.groups import DISCRIMINATOR, GroupChoice
+from strategies.joint import JointUpdates, joint_updates
+from strategies.joint_methods import LIFECYCLE, ONE_FORWARD
+from strategies.roles import LOSS_KEY, OPTIMIZER_SPEC, SCHEDULER_SPEC, ClipChoice, RoleFields
 
 
 @attrs.define(eq=False)
@@ -36,59 +26,34 @@ class CoupledAdversarial:
     ``grad_clip_norm`` is one norm for each group or ``{role: norm}``.
     """
 
-    encoder: OptimizerSpec
-    decoder: OptimizerSpec
-    discriminator: OptimizerSpec
-    encoder_scheduler: SchedulerSpec | None = None
-    decoder_scheduler: SchedulerSpec | None = None
-    discriminator_scheduler: SchedulerSpec | None = None
-    encoder_loss_key: str = "encoder_loss"
-    decoder_loss_key: str = "decoder_loss"
-    discriminator_loss_key: str = "discriminator_loss"
+    joint: JointUpdates = attrs.field(init=False, repr=False)
+    loss_keys: tuple[str, ...] = attrs.field(init=False, repr=False)
+    encoder: OptimizerSpec = attrs.field(validator=OPTIMIZER_SPEC)
+    decoder: OptimizerSpec = attrs.field(validator=OPTIMIZER_SPEC)
+    discriminator: OptimizerSpec = attrs.field(validator=OPTIMIZER_SPEC)
+    encoder_loss_key: str = attrs.field(default="encoder_loss", validator=LOSS_KEY)
+    decoder_loss_key: str = attrs.field(default="decoder_loss", validator=LOSS_KEY)
+    discriminator_loss_key: str = attrs.field(default="discriminator_loss", validator=LOSS_KEY)
+    encoder_scheduler: SchedulerSpec | None = attrs.field(default=None, validator=SCHEDULER_SPEC)
+    decoder_scheduler: SchedulerSpec | None = attrs.field(default=None, validator=SCHEDULER_SPEC)
+    discriminator_scheduler: SchedulerSpec | None = attrs.field(
+        default=None, validator=SCHEDULER_SPEC
+    )
     grad_clip_norm: ClipChoice = None
     groups: GroupChoice = None
     metrics: tuple[str, ...] = ()
-    _joint: JointUpdates = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._joint = joint_from_fields(self, ROLES)
+        discriminator = RoleFields(
+            self.discriminator, self.discriminator_scheduler, self.discriminator_loss_key
+        )
+        roles = {
+            ENCODER: RoleFields(self.encoder, self.encoder_scheduler, self.encoder_loss_key),
+            DECODER: RoleFields(self.decoder, self.decoder_scheduler, self.decoder_loss_key),
+            DISCRIMINATOR: discriminator,
+        }
+        self.joint = joint_updates(roles, self.grad_clip_norm, self.groups, self.metrics)
+        self.loss_keys = self.joint.loss_keys
 
-    @property
-    def loss_keys(self) -> tuple[str, ...]:
-        return self._joint.loss_keys
-
-    @property
-    def joint(self) -> JointUpdates:
-        """The updates (optimisers, schedulers, groups) by role, once set up."""
-        return self._joint
-
-    def setup(self, model: torch.nn.Module, ctx: StepContext) -> None:
-        self._joint.setup(model, ctx)
-
-    def train_step(
-        self, model: torch.nn.Module, batch: Any, ctx: StepContext
-    ) -> Mapping[str, torch.Tensor]:
-        return train_single_forward(self._joint, model, batch, ctx)
-
-    def eval_step(
-        self, model: torch.nn.Module, batch: Any, ctx: StepContext
-    ) -> Mapping[str, torch.Tensor]:
-        return eval_single_forward(self._joint, model, batch, ctx)
-
-    def predict_step(
-        self, model: torch.nn.Module, batch: Any, ctx: StepContext
-    ) -> Mapping[str, Any]:
-        """The model's outputs for one batch (``Engine.predict`` keeps the per-sample ones)."""
-        return ctx.forward(model, batch)
-
-    def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
-        self._joint.end_epoch(metrics)
-
-    def learning_rates(self) -> dict[str, float]:
-        return self._joint.learning_rates()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._joint.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._joint.load_state_dict(state)
+    setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
+    train_step, eval_step, predict_step = ONE_FORWARD

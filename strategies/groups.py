@@ -93,30 +93,7 @@ def check_groups(
     names = {id(param): name for name, param in model.named_parameters()}
     owner: dict[int, str] = {}
     overlaps: list[str] = []
-    checked: dict[str, list[nn.Parameter]] = {}
-    for role in roles:
-        kept: list[nn.Parameter] = []
-        for param in groups[role]:
-            if not isinstance(param, torch.Tensor):
-                raise StrategyError(
-                    f"group {role!r} must hold parameters, got a {type(param).__name__}"
-                )
-            if id(param) not in names:
-                raise StrategyError(
-                    f"group {role!r} holds a parameter of shape {tuple(param.shape)} that is not "
-                    f"a parameter of the model {type(model).__name__}"
-                )
-            if not param.requires_grad:
-                continue
-            previous = owner.get(id(param))
-            if previous == role:
-                continue
-            if previous is not None:
-                overlaps.append(f"{names[id(param)]} (in {previous!r} and {role!r})")
-                continue
-            owner[id(param)] = role
-            kept.append(param)  # type: ignore[arg-type]
-        checked[role] = kept
+    checked = {role: _claim(model, role, groups[role], names, owner, overlaps) for role in roles}
     if overlaps:
         raise StrategyError(
             f"parameter groups must be disjoint; these parameters are in two groups: {overlaps}"
@@ -135,6 +112,40 @@ def check_groups(
             f"none: {missing} (name them in groups=..., or set requires_grad=False to freeze them)"
         )
     return checked
+
+
+def _claim(
+    model: nn.Module,
+    role: str,
+    params: Sequence[nn.Parameter],
+    names: Mapping[int, str],
+    owner: dict[int, str],
+    overlaps: list[str],
+) -> list[nn.Parameter]:
+    """The trainable parameters of ``role``'s group, each recorded in ``owner``; one that
+    another role already owns goes to ``overlaps`` instead (named, with both roles)."""
+    kept: list[nn.Parameter] = []
+    for param in params:
+        if not isinstance(param, torch.Tensor):
+            raise StrategyError(
+                f"group {role!r} must hold parameters, got a {type(param).__name__}"
+            )
+        if id(param) not in names:
+            raise StrategyError(
+                f"group {role!r} holds a parameter of shape {tuple(param.shape)} that is not "
+                f"a parameter of the model {type(model).__name__}"
+            )
+        if not param.requires_grad:
+            continue
+        previous = owner.get(id(param))
+        if previous == role:
+            continue
+        if previous is not None:
+            overlaps.append(f"{names[id(param)]} (in {previous!r} and {role!r})")
+            continue
+        owner[id(param)] = role
+        kept.append(param)  # type: ignore[arg-type]
+    return kept
 
 
 def _check_roles(roles: Sequence[str], given: Iterable[str]) -> None:

@@ -1,208 +1,252 @@
 """Several updates trained in one step, each on its own loss and its own parameter group.
 
-``JointUpdates`` is the part that ``Adversarial``, ``Coupled`` and ``CoupledAdversarial`` are
-composed of: one ``UpdateSpec`` per role, the parameter groups those roles train (checked
-disjoint and covering), and the step mechanics they share. A step reads each role's loss, the
-``update_<role>`` flags a forward may return, back-propagates only the active losses, each into
-its own group alone, and steps only the groups that received gradients. An update that is off
-therefore neither moves its parameters nor advances its optimiser (step count, moments).
+How a multi-loss strategy (``Adversarial``, ``Coupled``, ``CoupledAdversarial``) is composed:
+
+1. Its fields say, per role, the optimiser, scheduler and loss key, each checked by its field's
+   validator (``engine/config/validators.py``). ``__attrs_post_init__`` writes them into one
+   ``RoleFields`` record per role, by hand, in a mapping ``{role: RoleFields(...)}``: nothing is
+   looked up by an attribute name built from a string.
+2. ``joint_updates(roles, grad_clip_norm, groups, metrics, every)`` checks what concerns all
+   roles and returns a ``JointUpdates``: the roles' ``UpdateSpec`` records keyed by role, each
+   role's schedule (``every``: its interval in optimiser windows), the parameter groups (resolved
+   at setup, disjoint and covering), and the step mechanics every such strategy shares.
+3. A training step runs the forwards it needs and hands their outputs keyed by the role each
+   serves to ``train_step_of``: ``JointUpdates.read`` makes one ``RoleStep`` per role whose
+   forward ran (its loss, its ``update_<role>`` flag, whether its schedule lets it update in
+   this window). A role whose forward did not run has no record: "not run" is never read as
+   "flag false". ``JointUpdates.train`` back-propagates each active loss into its own group
+   alone and steps at the window's end; an update that is off neither moves its parameters nor
+   advances its optimiser (step count, moments).
+4. The strategy holds its ``JointUpdates`` as its attribute ``joint`` and takes the StepStrategy
+   methods that are the same for every such strategy from ``strategies/joint_methods.py``
+   (``setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE``; one forward
+   for all roles: ``train_step, eval_step, predict_step = ONE_FORWARD``); no base class. It
+   writes only what is its own: its fields, ``loss_keys`` and, when its forwards differ per role
+   (two-phase ``Adversarial``), its ``train_step``/``eval_step``/``predict_step``.
+
+A new strategy with roles ``a`` and ``b`` therefore declares their fields, builds
+``self.joint = joint_updates({"a": RoleFields(...), "b": RoleFields(...)}, ...)`` and takes the
+shared methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import torch
 
-from engine.config.specs import OptimizerSpec, SchedulerSpec
+from engine.config.validators import Check, positive_number
 from engine.context import StepContext
 from engine.distributed.collectives import all_ranks_agree
 from engine.errors import ConfigError, ModelOutputError, StrategyError
 from strategies.groups import GroupChoice, resolve_groups
+from strategies.roles import ClipChoice, RoleFields
 from strategies.update import (
     Update,
     UpdateSpec,
     apply_updates,
     backward_isolated,
     build_update,
-    end_epoch_schedulers,
-    learning_rates,
     losses_are_finite,
     skip_step,
 )
 
-ClipChoice = float | Mapping[str, float] | None
+_METRICS = Check(
+    "a tuple of output names",
+    lambda value: not isinstance(value, str) and all(isinstance(key, str) for key in value),
+)
 
 
-def role_spec(
-    role: str,
-    loss_key: str,
-    optimizer: Any,
-    scheduler: Any,
+def joint_updates(
+    roles: Mapping[str, RoleFields],
     grad_clip_norm: ClipChoice,
-) -> UpdateSpec:
-    """The ``UpdateSpec`` of one role, with errors that name the role's argument."""
-    if not isinstance(optimizer, OptimizerSpec):
-        raise ConfigError(f"{role} must be an OptimizerSpec, got {optimizer!r}")
-    if scheduler is not None and not isinstance(scheduler, SchedulerSpec):
-        raise ConfigError(f"{role}_scheduler must be a SchedulerSpec or None, got {scheduler!r}")
-    if not isinstance(loss_key, str) or not loss_key:
-        raise ConfigError(f"{role}_loss_key must be a non-empty string, got {loss_key!r}")
-    clip = grad_clip_norm.get(role) if isinstance(grad_clip_norm, Mapping) else grad_clip_norm
-    if clip is not None and (
-        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
-    ):
-        raise ConfigError(f"grad_clip_norm for {role} must be a positive number, got {clip!r}")
-    return UpdateSpec(role, loss_key, optimizer, scheduler, clip)
-
-
-def check_clip_roles(grad_clip_norm: ClipChoice, roles: Sequence[str]) -> None:
-    """A per-role clipping mapping may only name the strategy's roles."""
+    groups: GroupChoice,
+    metrics: Any,
+    every: Mapping[str, int] | None = None,
+) -> JointUpdates:
+    """The ``JointUpdates`` of a strategy's roles, checked at the strategy's construction:
+    ``grad_clip_norm`` is one positive norm or ``{role: norm}`` naming only these roles."""
     if isinstance(grad_clip_norm, Mapping):
         unknown = sorted(set(grad_clip_norm) - set(roles))
         if unknown:
             raise ConfigError(
                 f"grad_clip_norm names unknown role(s) {unknown}; the roles are {list(roles)}"
             )
+    _METRICS.require("metrics", metrics)
+    specs = {}
+    for role, fields in roles.items():
+        clip = grad_clip_norm.get(role) if isinstance(grad_clip_norm, Mapping) else grad_clip_norm
+        if clip is not None:
+            positive_number.require(f"grad_clip_norm for {role}", clip)
+        specs[role] = UpdateSpec(role, fields.loss_key, fields.optimizer, fields.scheduler, clip)
+    return JointUpdates(specs, groups, tuple(metrics), dict(every or {}))
 
 
-def joint_from_fields(strategy: Any, roles: Sequence[str]) -> JointUpdates:
-    """The updates a strategy's fields describe: per role, ``<role>`` (its optimiser spec),
-    ``<role>_scheduler`` and ``<role>_loss_key``; for all, ``grad_clip_norm``, ``groups`` and
-    ``metrics``. Checked here, at the strategy's construction."""
-    check_clip_roles(strategy.grad_clip_norm, roles)
-    specs = tuple(
-        role_spec(
-            role,
-            getattr(strategy, f"{role}_loss_key"),
-            getattr(strategy, role),
-            getattr(strategy, f"{role}_scheduler"),
-            strategy.grad_clip_norm,
-        )
-        for role in roles
-    )
-    return JointUpdates(specs, strategy.groups, check_metric_keys(strategy.metrics))
+@attrs.frozen
+class RoleStep:
+    """One role's part of one training step.
 
+    ``outputs`` are those of the forward that served the role, ``loss`` its loss, ``flag`` the
+    forward's ``update_<role>`` (true when absent), agreed on by every rank, and ``scheduled``
+    whether the strategy's own schedule (alternation) lets the role update in this window.
+    """
 
-def check_metric_keys(metrics: Any) -> tuple[str, ...]:
-    if isinstance(metrics, str) or not all(isinstance(key, str) for key in metrics):
-        raise ConfigError(f"metrics must be a tuple of output names, got {metrics!r}")
-    return tuple(metrics)
+    outputs: Mapping[str, Any]
+    loss: torch.Tensor
+    flag: bool
+    scheduled: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.flag and self.scheduled
 
 
 @attrs.define(eq=False)
 class JointUpdates:
-    """The updates of a multi-optimiser strategy, in the order their losses are back-propagated.
+    """The updates of a multi-optimiser strategy, keyed by role.
 
-    ``metrics`` names further scalar outputs to log beside the losses.
+    ``specs`` maps each role to what trains it; its order is the order in which the losses are
+    back-propagated and reported, which changes no value (each loss reaches its own group only).
+    ``metrics`` names further scalar outputs to log beside the losses. ``every`` is each role's
+    schedule: a role with interval ``k`` updates in the windows ``w`` (optimiser windows
+    completed before this one, kept in ``state_dict()["windows"]``) where ``w % k == k - 1``, so
+    exactly ``W // k`` times over ``W`` windows; a role it does not name updates every window.
     """
 
-    specs: tuple[UpdateSpec, ...]
+    specs: Mapping[str, UpdateSpec]
     groups: GroupChoice = None
     metrics: tuple[str, ...] = ()
-    _updates: list[Update] | None = attrs.field(default=None, init=False)
+    every: Mapping[str, int] = attrs.field(factory=dict)
+    _updates: dict[str, Update] | None = attrs.field(default=None, init=False)
+    _windows: int = attrs.field(default=0, init=False)
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return tuple(spec.role for spec in self.specs)
+        return tuple(self.specs)
 
     @property
     def loss_keys(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(spec.loss_key for spec in self.specs))
+        return tuple(dict.fromkeys(spec.loss_key for spec in self.specs.values()))
+
+    @property
+    def windows(self) -> int:
+        """Optimiser windows completed so far: the position in the schedule."""
+        return self._windows
+
+    def scheduled(self, role: str) -> bool:
+        """Whether ``role``'s schedule lets it update in the current window."""
+        every = self.every.get(role, 1)
+        return self._windows % every == every - 1
 
     @property
     def updates(self) -> list[Update]:
+        return list(self.by_role.values())
+
+    @property
+    def by_role(self) -> dict[str, Update]:
+        """Each role's update, once set up."""
         if self._updates is None:
             raise StrategyError("the strategy is not set up: Engine.fit calls setup()")
         return self._updates
 
     def setup(self, model: torch.nn.Module, ctx: StepContext) -> None:
         groups = resolve_groups(model, self.roles, self.groups)
-        self._updates = [build_update(spec, groups[spec.role], ctx.device) for spec in self.specs]
+        self._updates = {
+            role: build_update(spec, groups[role], ctx.device) for role, spec in self.specs.items()
+        }
 
     def read_losses(
-        self, outputs: Sequence[Mapping[str, Any] | None], ctx: StepContext
-    ) -> list[torch.Tensor | None]:
-        """Each role's loss from the outputs of the forward that serves it (None: no forward)."""
-        return [
-            None if out is None else ctx.read_loss(out, spec.loss_key)
-            for spec, out in zip(self.specs, outputs)
-        ]
+        self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """The loss of each role whose forward ran (``outputs`` is keyed by role)."""
+        return {
+            role: ctx.read_loss(outputs[role], spec.loss_key)
+            for role, spec in self.specs.items()
+            if role in outputs
+        }
 
     def read_flags(
-        self, outputs: Sequence[Mapping[str, Any] | None], ctx: StepContext
-    ) -> list[bool]:
-        """Each role's ``update_<role>`` flag (true when absent), agreed on by every rank.
+        self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
+    ) -> dict[str, bool]:
+        """The ``update_<role>`` flag (true when absent) of each role whose forward ran, agreed
+        on by every rank. A role that did not run has no flag.
 
         Under several processes this is one small all-reduce per step, whether or not this
-        rank's forward returned flags: another rank's may have.
+        rank's forward returned flags: another rank's may have. Every rank runs the same
+        forwards (the schedule is the same on all), so all reduce the same roles.
         """
-        flags: list[bool] = []
-        for spec, out in zip(self.specs, outputs):
-            key = f"update_{spec.role}"
-            if out is None or key not in out:
-                flags.append(out is not None)
-                continue
-            flags.append(_as_flag(out[key], key, ctx))
-        return all_ranks_agree(flags, ctx.world)
+        ran = [role for role in self.roles if role in outputs]
+        flags = [_read_flag(outputs[role], f"update_{role}", ctx) for role in ran]
+        return dict(zip(ran, all_ranks_agree(flags, ctx.world)))
 
-    def train(
-        self, losses: Sequence[torch.Tensor | None], active: Sequence[bool], ctx: StepContext
-    ) -> bool:
-        """Back-propagate the active losses, isolated, and step at the window's end.
+    def read(
+        self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
+    ) -> dict[str, RoleStep]:
+        """One ``RoleStep`` per role whose forward ran, with its schedule in this window."""
+        losses = self.read_losses(outputs, ctx)
+        flags = self.read_flags(outputs, ctx)
+        return {
+            role: RoleStep(outputs[role], losses[role], flags[role], self.scheduled(role))
+            for role in losses
+        }
+
+    def train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
+        """Back-propagate the active losses, isolated, and step at the window's end, which
+        counts as a window whether or not its updates ran.
 
         Returns false when ``nonfinite="skip"`` dropped this batch (on every rank, when a loss
         is non-finite on any).
         """
-        updates = self.updates
-        if ctx.nonfinite == "skip":
-            present = [loss for loss in losses if loss is not None]
-            if not losses_are_finite(present, ctx.world):
-                skip_step(updates, ctx)
-                return False
+        trained = self._train(steps, ctx)
+        if ctx.is_update_step:
+            self._windows += 1
+        return trained
+
+    def _train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
+        by_role = self.by_role
+        losses = [step.loss for step in steps.values()]
+        if ctx.nonfinite == "skip" and not losses_are_finite(losses, ctx.world):
+            skip_step(list(by_role.values()), ctx)
+            return False
         pairs = []
-        for update, loss, on in zip(updates, losses, active):
-            if not on or loss is None:
+        for role, update in by_role.items():
+            step = steps.get(role)
+            if step is None or not step.active:
                 continue
-            if not loss.requires_grad:
+            if not step.loss.requires_grad:
                 raise ModelOutputError(
-                    f"loss {update.spec.loss_key!r} of the {update.role} update does not depend "
+                    f"loss {update.spec.loss_key!r} of the {role} update does not depend "
                     f"on any trainable parameter (it has no grad_fn) at step {ctx.progress.step}"
                 )
-            pairs.append((update, loss))
+            pairs.append((update, step.loss))
         if pairs:
-            backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
-        apply_updates(updates, ctx)
+            backward_isolated(pairs, ctx, every_group=len(pairs) == len(by_role))
+        apply_updates(list(by_role.values()), ctx)
         return True
 
     def step_metrics(
         self,
-        losses: Sequence[torch.Tensor | None],
-        outputs: Sequence[Mapping[str, Any] | None],
+        losses: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, Mapping[str, Any]],
         ctx: StepContext,
     ) -> dict[str, torch.Tensor]:
         """Each loss (once per key) and each extra metric, detached, still on the device."""
         metrics: dict[str, torch.Tensor] = {}
-        for spec, loss in zip(self.specs, losses):
-            if loss is not None:
-                metrics[spec.loss_key] = loss.detach()
+        for role, spec in self.specs.items():
+            if role in losses:
+                metrics[spec.loss_key] = losses[role].detach()
         if self.metrics:
-            sources = [out for out in outputs if out is not None]
+            sources = [outputs[role] for role in self.roles if role in outputs]
             for key in self.metrics:
                 source = next((out for out in sources if key in out), sources[0])
                 metrics[key] = ctx.read_loss(source, key).detach()
         return metrics
 
-    def end_epoch(self, metrics: Mapping[str, float]) -> None:
-        end_epoch_schedulers(self.updates, metrics)
-
-    def learning_rates(self) -> dict[str, float]:
-        return learning_rates(self.updates)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": {u.role: u.state_dict() for u in self.updates}}
+        updates = {role: u.state_dict() for role, u in self.by_role.items()}
+        return {"updates": updates, "windows": self._windows}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state["updates"]
@@ -211,44 +255,40 @@ class JointUpdates:
             raise StrategyError(
                 f"strategy state has no update for role(s) {missing}; it holds {sorted(saved)}"
             )
-        for update in self.updates:
-            update.load_state_dict(saved[update.role])
+        for role, update in self.by_role.items():
+            update.load_state_dict(saved[role])
+        self._windows = int(state.get("windows", 0))
 
 
-def train_single_forward(
-    joint: JointUpdates,
-    model: torch.nn.Module,
-    batch: Any,
-    ctx: StepContext,
-    scheduled: tuple[bool, ...] | None = None,
+def train_step_of(
+    joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
 ) -> dict[str, torch.Tensor]:
-    """One forward serves every role: isolated backwards of the active losses, then steps.
-
-    ``scheduled`` switches roles off by the strategy's own schedule (alternation), on top of
-    the ``update_<role>`` flags the forward returns.
-    """
-    outputs = ctx.forward(model, batch)
-    per_role = [outputs] * len(joint.specs)
-    losses = joint.read_losses(per_role, ctx)
-    active = joint.read_flags(per_role, ctx)
-    if scheduled is not None:
-        active = [flag and on for flag, on in zip(active, scheduled)]
-    if not joint.train(losses, active, ctx):
+    """Train on the outputs of the forwards a step ran (keyed by role); its metrics."""
+    steps = joint.read(outputs, ctx)
+    if not joint.train(steps, ctx):
         return {}
-    return joint.step_metrics(losses, per_role, ctx)
+    return joint.step_metrics({role: step.loss for role, step in steps.items()}, outputs, ctx)
 
 
-def eval_single_forward(
-    joint: JointUpdates, model: torch.nn.Module, batch: Any, ctx: StepContext
+def eval_step_of(
+    joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
 ) -> dict[str, torch.Tensor]:
-    """Every role's loss (and extra metrics) from one forward, changing no state."""
+    """Every loss (and extra metric) of the forwards an evaluation step ran, changing no state."""
+    return joint.step_metrics(joint.read_losses(outputs, ctx), outputs, ctx)
+
+
+def one_forward_for_all(
+    joint: JointUpdates, model: torch.nn.Module, batch: Any, ctx: StepContext
+) -> dict[str, Mapping[str, Any]]:
+    """One ``model(batch)`` serves every role: its outputs, keyed by role."""
     outputs = ctx.forward(model, batch)
-    per_role = [outputs] * len(joint.specs)
-    return joint.step_metrics(joint.read_losses(per_role, ctx), per_role, ctx)
+    return {role: outputs for role in joint.roles}
 
 
-def _as_flag(value: Any, key: str, ctx: StepContext) -> bool:
-    """A flag is a Python bool or a one-element bool tensor (read from the device here)."""
+def _read_flag(outputs: Mapping[str, Any], key: str, ctx: StepContext) -> bool:
+    """A flag is absent (true), a Python bool or a one-element bool tensor (read from the
+    device here)."""
+    value = outputs.get(key, True)
     if isinstance(value, bool):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:

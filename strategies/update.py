@@ -16,24 +16,10 @@ import attrs
 import torch
 
 from engine.config.specs import OptimizerSpec, SchedulerSpec
+from engine.config.validators import instance_of, optional, positive_number
 from engine.context import StepContext
 from engine.distributed.collectives import World, all_ranks_agree, average_gradients
 from engine.errors import ConfigError
-
-
-def _optional_positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-    ):
-        raise ConfigError(f"{attribute.name} must be a positive number or None, got {value!r}")
-
-
-def _spec_of(kind: type) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and not isinstance(value, kind):
-            raise ConfigError(f"{attribute.name} must be a {kind.__name__}, got {value!r}")
-
-    return check
 
 
 @attrs.frozen
@@ -43,9 +29,11 @@ class UpdateSpec:
 
     role: str
     loss_key: str
-    optimizer: OptimizerSpec = attrs.field(validator=_spec_of(OptimizerSpec))
-    scheduler: SchedulerSpec | None = attrs.field(default=None, validator=_spec_of(SchedulerSpec))
-    grad_clip_norm: float | None = attrs.field(default=None, validator=_optional_positive)
+    optimizer: OptimizerSpec = attrs.field(validator=instance_of(OptimizerSpec))
+    scheduler: SchedulerSpec | None = attrs.field(
+        default=None, validator=optional(instance_of(SchedulerSpec))
+    )
+    grad_clip_norm: float | None = attrs.field(default=None, validator=optional(positive_number))
 
 
 @attrs.define(eq=False)

@@ -37,7 +37,7 @@ SGD = OptimizerSpec("SGD", lr=0.1)
         (lambda: Adversarial(generator=SGD, discriminator=SGD, n_critic=2.0), "got 2.0"),
         (
             lambda: Adversarial(generator=SGD, discriminator=SGD, two_phase="yes"),
-            "two_phase must be True or False, got 'yes'",
+            "two_phase must be true or false, got 'yes'",
         ),
         (
             lambda: Coupled(encoder=SGD, decoder=SGD, grad_clip_norm={"encodr": 1.0}),
