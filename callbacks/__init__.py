@@ -23,3 +23,10 @@ __all__ = [
     "TensorBoard",
     "WandB",
 ]
+
+# The GAN toolkit (issue 13): weight averages, sample grids, FID/KID.
+from callbacks.ema import EMA
+from callbacks.quality import QualityMetrics
+from callbacks.sample_grid import SampleGrid
+
+__all__ += ["EMA", "QualityMetrics", "SampleGrid"]

@@ -1,0 +1,373 @@
+"""Convolutional GAN examples for the digits: a DCGAN and a VQGAN-style autoencoder.
+
+Both follow the two-phase contract of ``Adversarial(two_phase=True)``: ``forward(batch,
+phase="discriminator")`` returns ``discriminator_loss``, ``forward(batch, phase="generator")``
+returns the generator's loss (``generator_loss`` for the DCGAN, ``autoencoder_loss`` for the
+autoencoder), and ``phase=None`` returns everything (evaluation, pictures). The discriminator is
+``model.discriminator``; the generator role is every other parameter. Images are in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PHASES = (None, "discriminator", "generator", "discriminator_r1")
+
+
+def _check_phase(phase: str | None) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
+
+
+def _check_size(image_size: int, halvings: int) -> int:
+    step = 2**halvings
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % step:
+        raise ValueError(f"image_size must be a multiple of {step}, got {image_size!r}")
+    return image_size // step
+
+
+# ----------------------------------------------------------------------------- DCGAN
+
+
+class DCGANGenerator(nn.Module):
+    """Noise (N, latent_dim) -> images (N, C, size, size): a linear projection to
+    (2 * width, size / 4, size / 4), then two stride-2 transposed convolutions with BatchNorm and
+    ReLU (Radford et al. 2016), a sigmoid at the end."""
+
+    def __init__(self, latent_dim: int, width: int, channels: int, image_size: int) -> None:
+        super().__init__()
+        self.base = _check_size(image_size, 2)
+        self.width = width
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, 2 * width * self.base * self.base, bias=False),
+            nn.BatchNorm1d(2 * width * self.base * self.base),
+            nn.ReLU(),
+        )
+        self.body = nn.Sequential(
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1),
+        )
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        h = self.project(noise).view(-1, 2 * self.width, self.base, self.base)
+        return torch.sigmoid(self.body(h))
+
+
+class DCGANDiscriminator(nn.Module):
+    """Images -> one logit each: two stride-2 convolutions with LeakyReLU(0.2), then a linear
+    layer. No BatchNorm, so a gradient penalty on real images (R1) is per sample."""
+
+    def __init__(self, width: int, channels: int, image_size: int) -> None:
+        super().__init__()
+        base = _check_size(image_size, 2)
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(2 * width * base * base, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images).squeeze(1)
+
+
+class DCGAN(nn.Module):
+    """A DCGAN with the non-saturating logistic loss (Goodfellow et al. 2014, as StyleGAN2).
+
+    ``phase="discriminator"``: ``discriminator_loss`` = softplus(D(G(z))) + softplus(-D(x));
+    ``phase="generator"``: ``generator_loss`` = softplus(-D(G(z))); ``phase="discriminator_r1"``:
+    ``r1_loss`` = ``r1_gamma`` / 2 * |grad_x D(x)|^2 (Mescheder et al. 2018), for a strategy that
+    runs it as its own (lazy) phase. ``r1_gamma`` with ``r1_in_loss=True`` adds the penalty to
+    every discriminator loss instead (the non-lazy fallback where no strategy runs the
+    regulariser). ``sample(noise)`` (or ``sample(n)``) decodes noise to images;
+    ``latent_shape`` tells a sampler the noise shape.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        channels: int = 1,
+        latent_dim: int = 32,
+        width: int = 32,
+        r1_gamma: float = 0.0,
+        r1_in_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "image_size": image_size,
+            "channels": channels,
+            "latent_dim": latent_dim,
+            "width": width,
+            "r1_gamma": r1_gamma,
+            "r1_in_loss": r1_in_loss,
+        }
+        self.latent_dim = latent_dim
+        self.latent_shape = (latent_dim,)
+        self.r1_gamma = r1_gamma
+        self.r1_in_loss = r1_in_loss
+        self.generator = DCGANGenerator(latent_dim, width, channels, image_size)
+        self.discriminator = DCGANDiscriminator(width, channels, image_size)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], phase: str | None = None, **_: Any
+    ) -> dict[str, torch.Tensor]:
+        _check_phase(phase)
+        x = batch["data"]
+        outputs: dict[str, torch.Tensor] = {}
+        if phase == "discriminator_r1":
+            outputs["r1_loss"] = self.r1_penalty(x)
+            return outputs
+        fake = self.generator(torch.randn(len(x), self.latent_dim, device=x.device))
+        outputs["fake_x"] = fake
+        if phase in (None, "discriminator"):
+            loss = F.softplus(self.discriminator(fake.detach())).mean()
+            loss = loss + F.softplus(-self.discriminator(x)).mean()
+            if self.r1_in_loss and self.r1_gamma > 0 and torch.is_grad_enabled():
+                loss = loss + self.r1_penalty(x)
+            outputs["discriminator_loss"] = loss
+        if phase in (None, "generator"):
+            outputs["generator_loss"] = F.softplus(-self.discriminator(fake)).mean()
+        return outputs
+
+    def r1_penalty(self, real: torch.Tensor) -> torch.Tensor:
+        """``r1_gamma`` / 2 * the mean squared norm of D's gradient at the real images."""
+        if not torch.is_grad_enabled():
+            return torch.zeros((), device=real.device)
+        real = real.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.discriminator(real).sum(), real, create_graph=True)
+        return 0.5 * self.r1_gamma * grad.flatten(1).pow(2).sum(1).mean()
+
+    def sample(self, noise: torch.Tensor | int) -> torch.Tensor:
+        """Images from ``noise`` (N, latent_dim), or from ``noise`` fresh draws if an int."""
+        device = next(self.parameters()).device
+        if isinstance(noise, int):
+            noise = torch.randn(noise, self.latent_dim, device=device)
+        with torch.no_grad():
+            return self.generator(noise.to(device))
+
+
+# ----------------------------------------------------------------------------- VQGAN
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantisation with a straight-through gradient (van den Oord et al.
+    2017): ``codebook_loss`` = |sg(z) - e|^2 + ``commitment`` * |z - sg(e)|^2."""
+
+    def __init__(self, codebook_size: int, code_dim: int, commitment: float) -> None:
+        super().__init__()
+        self.commitment = commitment
+        self.codebook = nn.Embedding(codebook_size, code_dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        codes = self.codebook.weight
+        distances = (
+            flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]
+        )
+        index = distances.argmin(1)
+        quantized = self.codebook(index).view(n, h, w, d).permute(0, 3, 1, 2)
+        loss = F.mse_loss(quantized, z.detach()) + self.commitment * F.mse_loss(
+            z, quantized.detach()
+        )
+        return z + (quantized - z).detach(), loss, index.view(n, h, w)
+
+
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN discriminator (Isola et al. 2017): a logit per overlapping patch, (N, 1, h, w)."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 1, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 3, 1, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+
+def local_adaptive_weight(
+    reconstruction: torch.Tensor,
+    adversarial: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021, taming-transformers): the ratio of the
+    gradient norms of the reconstruction and adversarial losses at ``last_layer``, clamped to
+    [0, ``max_weight``] and detached; the norms are taken in float32. 0 without autograd."""
+    if not (torch.is_grad_enabled() and adversarial.requires_grad):
+        return torch.zeros((), device=reconstruction.device)
+    (recon_grad,) = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)
+    (adv_grad,) = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
+    ratio = recon_grad.float().norm() / (adv_grad.float().norm() + 1e-4)
+    return ratio.clamp(0.0, max_weight).detach()
+
+
+def adaptive_weight_function() -> Callable[..., torch.Tensor]:
+    """The engine's adaptive weight (``strategies/adaptive_weight.py``) when it exists, else
+    ``local_adaptive_weight`` (same definition)."""
+    try:
+        from strategies.adaptive_weight import adaptive_weight  # type: ignore[import-not-found]
+    except ImportError:
+        return local_adaptive_weight
+    return adaptive_weight  # type: ignore[no-any-return]
+
+
+class VQGAN(nn.Module):
+    """A VQGAN-style convolutional autoencoder (Esser et al. 2021) with a PatchGAN
+    discriminator and the hinge loss; or, with ``bottleneck="kl"``, a KL autoencoder as in
+    latent diffusion (Rombach et al. 2022).
+
+    ``phase="generator"``: ``autoencoder_loss`` = L1 reconstruction + the bottleneck's loss
+    (codebook, or ``kl_weight`` x KL) + ``d_weight`` x (-mean D(x_hat)), where ``d_weight`` =
+    ``disc_weight`` x the adaptive weight at the decoder's last layer (the ratio of the two
+    losses' gradient norms there, clamped, detached), and 0 before ``disc_start``.
+    ``phase="discriminator"``: the hinge loss mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)));
+    ``update_discriminator`` is false before ``disc_start``, so the discriminator does not move.
+
+    ``disc_start`` is counted here in generator-phase training forwards (kept in the buffer
+    ``generator_steps``, so checkpoints carry it), a local stand-in for the strategy's own
+    warm-up: set it to 0 when the strategy applies ``disc_start``. The adaptive weight comes
+    from ``strategies/adaptive_weight.py`` when that module exists, else from
+    ``local_adaptive_weight``. Outputs also ``recon_loss``, ``codebook_loss``, ``d_weight``,
+    ``generator_loss`` and ``recon_x``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        channels: int = 1,
+        width: int = 32,
+        bottleneck: str = "vq",
+        code_dim: int = 16,
+        codebook_size: int = 64,
+        commitment: float = 0.25,
+        kl_weight: float = 1e-4,
+        disc_weight: float = 0.5,
+        disc_start: int = 0,
+        max_d_weight: float = 1e4,
+    ) -> None:
+        super().__init__()
+        if bottleneck not in ("vq", "kl"):
+            raise ValueError(f"bottleneck must be 'vq' or 'kl', got {bottleneck!r}")
+        if isinstance(disc_start, bool) or not isinstance(disc_start, int) or disc_start < 0:
+            raise ValueError(f"disc_start must be a non-negative integer, got {disc_start!r}")
+        _check_size(image_size, 1)
+        self.config = {
+            "image_size": image_size,
+            "channels": channels,
+            "width": width,
+            "bottleneck": bottleneck,
+            "code_dim": code_dim,
+            "codebook_size": codebook_size,
+            "commitment": commitment,
+            "kl_weight": kl_weight,
+            "disc_weight": disc_weight,
+            "disc_start": disc_start,
+            "max_d_weight": max_d_weight,
+        }
+        self.bottleneck = bottleneck
+        self.kl_weight = kl_weight
+        self.disc_weight = disc_weight
+        self.disc_start = disc_start
+        self.max_d_weight = max_d_weight
+        out = code_dim if bottleneck == "vq" else 2 * code_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 1, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, out, 1),
+        )
+        self.quantizer = (
+            VectorQuantizer(codebook_size, code_dim, commitment) if bottleneck == "vq" else None
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(code_dim, 2 * width, 3, 1, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, channels, 3, 1, 1),
+        )
+        self.discriminator = PatchDiscriminator(channels, width)
+        self.register_buffer("generator_steps", torch.zeros((), dtype=torch.int64))
+        self._adaptive_weight = adaptive_weight_function()
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the adaptive weight compares gradients at: the decoder's last conv."""
+        layer = self.decoder[-1]
+        assert isinstance(layer, nn.Conv2d)
+        return layer.weight
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent and the bottleneck's loss (codebook or KL)."""
+        h = self.encoder(x)
+        if self.quantizer is not None:
+            quantized, loss, _ = self.quantizer(h)
+            return quantized, loss
+        mean, log_var = h.chunk(2, dim=1)
+        log_var = log_var.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).flatten(1).sum(1).mean()
+        return z, self.kl_weight * kl
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], phase: str | None = None, **_: Any
+    ) -> dict[str, torch.Tensor]:
+        _check_phase(phase)
+        if phase == "discriminator_r1":
+            raise ValueError("VQGAN has no 'discriminator_r1' phase")
+        x = batch["data"]
+        z, bottleneck_loss = self.encode(x)
+        recon_x = self.decode(z)
+        disc_on = bool(self.generator_steps >= self.disc_start)
+        outputs: dict[str, torch.Tensor] = {"recon_x": recon_x}
+        if phase in (None, "generator"):
+            recon = (recon_x - x).abs().mean()
+            adversarial = -self.discriminator(recon_x).mean()
+            if disc_on and self.training:
+                weight = self.disc_weight * self._adaptive_weight(
+                    recon, adversarial, self.last_layer, self.max_d_weight
+                )
+            else:
+                weight = torch.zeros((), device=x.device)
+            outputs.update(
+                autoencoder_loss=recon + bottleneck_loss + weight * adversarial,
+                recon_loss=recon,
+                codebook_loss=bottleneck_loss,
+                generator_loss=adversarial,
+                d_weight=weight,
+            )
+            if phase == "generator" and self.training and torch.is_grad_enabled():
+                self.generator_steps += 1
+        if phase in (None, "discriminator"):
+            real = F.relu(1.0 - self.discriminator(x)).mean()
+            fake = F.relu(1.0 + self.discriminator(recon_x.detach())).mean()
+            outputs["discriminator_loss"] = real + fake
+            outputs["update_discriminator"] = torch.tensor(disc_on, device=x.device)
+        return outputs
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of images in [0, 1], in dB."""
+    mse = float((x - y).pow(2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
