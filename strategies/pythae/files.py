@@ -105,16 +105,20 @@ def load_training_config(path: str | os.PathLike[str]) -> Any:
 
 
 def model_classes() -> dict[str, type]:
-    """Every model class pythae exports (normalizing flows too), by its config class's name."""
+    """Every model class pythae exports (normalizing flows too), by its config class's name;
+    the abstract ``BaseAE`` and ``BaseNF`` (whose forward raises) are left out."""
     from pythae import models
     from pythae.models import normalizing_flows
 
     exported = {name: getattr(models, name) for name in models.__all__}
     exported.update({name: getattr(normalizing_flows, name) for name in normalizing_flows.__all__})
+    abstract = (models.BaseAE, normalizing_flows.BaseNF)
     classes: dict[str, type] = {}
     for name, value in exported.items():
+        if not isinstance(value, type) or value in abstract:
+            continue
         for config_name in (f"{name}Config", f"{name}_Config"):
-            if config_name in exported and isinstance(value, type):
+            if config_name in exported:
                 classes[config_name] = value
     return classes
 

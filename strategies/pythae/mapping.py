@@ -26,10 +26,10 @@ pythae field                        engine
                                     multi-optimiser ones under ``updates="pythae"``)
 ``<p>optimizer_cls``                the role's ``OptimizerSpec(<p>optimizer_cls, ...)``
 ``<p>learning_rate``                ``lr=`` of that spec
-``<p>optimizer_params``             the spec's other keyword arguments (under
-                                    ``updates="pythae"`` also ``foreach=None`` unless given, so
-                                    torch picks the same kernel as for pythae; the engine
-                                    otherwise prefers a fused kernel)
+``<p>optimizer_params``             the spec's other keyword arguments, and ``foreach=None``
+                                    unless they name ``fused`` or ``foreach``: torch picks the
+                                    kernel it picks for pythae (the engine otherwise prefers a
+                                    fused one, whose rounding differs)
 ``<p>scheduler_cls``                the role's ``SchedulerSpec(<p>scheduler_cls, interval=
                                     "epoch", ...)``: stepped once per epoch after evaluation, as
                                     pythae; ``ReduceLROnPlateau`` gets ``monitor="eval/<loss>"``
@@ -261,14 +261,15 @@ def _children(model: torch.nn.Module) -> set[str]:
 
 
 def role_specs(
-    layout: TrainerLayout, config: Any, has_eval: bool, updates: Updates
+    layout: TrainerLayout, config: Any, has_eval: bool
 ) -> dict[str, tuple[OptimizerSpec, SchedulerSpec | None]]:
-    """Each role's optimiser and scheduler from its ``<prefix>`` fields."""
+    """Each role's optimiser and scheduler from its ``<prefix>`` fields: the optimiser pythae
+    builds, with torch's default kernel (``foreach=None``) unless the params choose one."""
     specs: dict[str, tuple[OptimizerSpec, SchedulerSpec | None]] = {}
     for role in layout.roles:
         p = role.prefix
         params = dict(getattr(config, f"{p}optimizer_params") or {})
-        if updates == "pythae" and "fused" not in params and "foreach" not in params:
+        if "fused" not in params and "foreach" not in params:
             params["foreach"] = None  # torch's default kernel, as pythae builds it
         optimizer = OptimizerSpec(
             getattr(config, f"{p}optimizer_cls"), lr=getattr(config, f"{p}learning_rate"), **params

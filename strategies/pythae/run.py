@@ -137,7 +137,7 @@ def from_pythae(
     evaluation = None if eval_data is None else as_pythae_data(eval_data, "eval_data")
     layout, config = choose_trainer(model, training_config)
     has_eval = evaluation is not None
-    specs = role_specs(layout, config, has_eval, updates)
+    specs = role_specs(layout, config, has_eval)
     strategy = build_strategy(layout, specs, updates, tuple(metrics))
     engine_settings = engine_config(config, model, layout, has_eval, overrides or {})
     extra: list[Any] = []
