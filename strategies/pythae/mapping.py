@@ -1,13 +1,16 @@
 """pythae's training configs in engine terms: which trainer, which strategy, which settings.
 
 The trainer is chosen as pythae 0.1.2's ``TrainingPipeline`` chooses it: by the training
-config's class, after the pipeline's own checks (RAE_L2 and PIWAE need a
-``CoupledOptimizerTrainerConfig``, Adversarial_AE and FactorVAE an ``AdversarialTrainerConfig``,
-VAEGAN a ``CoupledOptimizerAdversarialTrainerConfig``; without a config, each gets the
-pipeline's default) and with RAE_L2's decoder weight decay set to the model's ``reg_weight`` as
-the pipeline sets it. A pythae model whose trainer pythae would not run (a zoo model other
-than those five under a multi-optimiser config, a model missing the submodules a trainer
-optimises) is refused with a ``ConfigError`` naming the config and the model.
+config's class, after the pipeline's own checks. Given a config, RAE_L2 and PIWAE need a
+``CoupledOptimizerTrainerConfig``, Adversarial_AE and FactorVAE an ``AdversarialTrainerConfig``
+and VAEGAN a ``CoupledOptimizerAdversarialTrainerConfig``, and RAE_L2's decoder weight decay is
+set to the model's ``reg_weight``. Given none, RAE_L2, Adversarial_AE, FactorVAE and VAEGAN get
+those configs' defaults and every other model, PIWAE included, a ``BaseTrainerConfig`` (PIWAE
+then trains on its ``loss`` with one optimiser); RAE_L2's default gets no weight decay, as in
+pythae (its pipeline passes ``decoder_optim_decay``, a keyword the config silently ignores).
+A pythae model whose trainer pythae would not run (a zoo model other than those five under a
+multi-optimiser config, a model missing the submodules a trainer optimises) is refused with a
+``ConfigError`` naming the config and the model.
 
 Every field of pythae's four training configs, and what it becomes. ``<p>`` is the role's field
 prefix: none for ``BaseTrainerConfig`` (role ``model``), ``autoencoder_`` and
@@ -117,7 +120,14 @@ ADVERSARIAL = "AdversarialTrainerConfig"
 COUPLED = "CoupledOptimizerTrainerConfig"
 COUPLED_ADVERSARIAL = "CoupledOptimizerAdversarialTrainerConfig"
 
-# The training config each of these zoo models needs; TrainingPipeline refuses any other.
+# The training config TrainingPipeline builds for these zoo models when given none (others:
+# BaseTrainerConfig, PIWAE included), and the one it requires of these when given one.
+DEFAULT_CONFIG = {
+    "RAE_L2": COUPLED,
+    "Adversarial_AE": ADVERSARIAL,
+    "FactorVAE": ADVERSARIAL,
+    "VAEGAN": COUPLED_ADVERSARIAL,
+}
 REQUIRED_CONFIG = {
     "RAE_L2": COUPLED,
     "PIWAE": COUPLED,
@@ -199,7 +209,7 @@ def _trainer_config_classes() -> dict[str, type]:
 def default_training_config(model: torch.nn.Module) -> Any:
     """The config ``TrainingPipeline`` builds when it is given none."""
     classes = _trainer_config_classes()
-    return classes[REQUIRED_CONFIG.get(model_name(model), BASE)]()
+    return classes[DEFAULT_CONFIG.get(model_name(model), BASE)]()
 
 
 def _config_class_name(training_config: Any) -> str:
@@ -224,13 +234,13 @@ def choose_trainer(model: torch.nn.Module, training_config: Any) -> tuple[Traine
     else:
         config = copy.deepcopy(training_config)
     class_name = _config_class_name(config)
-    required = REQUIRED_CONFIG.get(name)
+    required = None if training_config is None else REQUIRED_CONFIG.get(name)
     if required is not None and class_name != required:
         raise ConfigError(
             f"pythae trains a {name} with a {required} ({LAYOUTS[required].trainer}); "
             f"training_config is a {type(training_config).__name__}"
         )
-    if required is None and class_name != BASE and _is_zoo_model(model):
+    if name not in REQUIRED_CONFIG and class_name != BASE and _is_zoo_model(model):
         raise ConfigError(
             f"pythae's {LAYOUTS[class_name].trainer} (training_config "
             f"{type(training_config).__name__}) can not train a {name}: its forward returns no "
@@ -245,7 +255,7 @@ def choose_trainer(model: torch.nn.Module, training_config: Any) -> tuple[Traine
             f"pythae's {layout.trainer} (training_config {type(config).__name__}) optimises "
             f"model.{', model.'.join(missing)}, which {type(model).__name__} does not have"
         )
-    if name == "RAE_L2":  # TrainingPipeline: the decoder's weight decay is the model's reg_weight
+    if name == "RAE_L2" and training_config is not None:  # TrainingPipeline: reg_weight
         params = dict(config.decoder_optimizer_params or {})
         params["weight_decay"] = model.model_config.reg_weight  # type: ignore[union-attr]
         config.decoder_optimizer_params = params

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from strategies.pythae.files import in_nf_model, model_classes
-from strategies.pythae.mapping import default_training_config
+from strategies.pythae.mapping import REQUIRED_CONFIG, default_training_config
 
 EXCLUDED = {"MADE": "pythae can not train it: its forward returns mu and log_var, no loss"}
 
@@ -103,9 +103,13 @@ def make_data(name: str, count: int) -> torch.Tensor:
 def training_config(
     model: torch.nn.Module, output_dir: Path, epochs: int = 2, batch_size: int = 16
 ) -> Any:
-    """The config ``TrainingPipeline`` would pick for ``model``, with every learning rate at
-    1e-3, on the CPU, writing into ``output_dir``."""
-    config = default_training_config(model)
+    """The config a pythae user gives ``model`` (the one ``TrainingPipeline`` requires of it,
+    else its default), with every learning rate at 1e-3, on the CPU, writing into
+    ``output_dir``."""
+    from pythae import trainers
+
+    required = REQUIRED_CONFIG.get(model.model_name)
+    config = default_training_config(model) if required is None else getattr(trainers, required)()
     for field in LEARNING_RATE_FIELDS:
         if hasattr(config, field):
             setattr(config, field, 1e-3)
