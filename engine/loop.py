@@ -3,7 +3,8 @@ the same with the table of what fires when a run ends early)::
 
     fit(model, train, eval, resume):
         prepare (engine/run_setup.py): read the checkpoint, seed, place the model, set up the
-            strategy, build batches, restore, open the run folder
+            strategy, build batches, restore, pre-flight checks (engine/preflight.py), open
+            the run folder
         FIT_START
         for epoch:
             EPOCH_START
@@ -44,6 +45,7 @@ from engine.events import Event, EventBus, Handler, Subscription
 from engine.hardware.compiling import compile_model, compiled_backward_settings
 from engine.hardware.device import resolve_device
 from engine.metrics import MetricBuffer, track_best
+from engine.preflight import preflight
 from engine.protocols import StepStrategy
 from engine.run_dir import log_file
 from engine.run_setup import (
@@ -143,9 +145,20 @@ class Engine:
         eval_batches = None if eval is None else make_eval_batches(eval, config, ctx)
         if checkpoint is not None:
             restore_training(checkpoint, model, self.strategy, ctx, self.callbacks, config)
-        run = open_run(self, model, ctx, train_batches, eval is not None, checkpoint)
+        resumed_dir = None if checkpoint is None else checkpoint.run_dir
+        checked = preflight(
+            self.strategy,
+            self.callbacks,
+            model,
+            ctx,
+            config,
+            train_batches,
+            eval is not None,
+            resumed_dir,
+        )
+        run = open_run(self, model, ctx, train_batches, checked.monitor, checkpoint)
         self._stop_requested = False
-        return PreparedRun(run, ctx, train_batches, eval_batches)
+        return PreparedRun(run, ctx, train_batches, eval_batches, checked.warnings)
 
     def _train(self, prepared: PreparedRun, model: torch.nn.Module) -> None:
         """FIT_START, the epochs, FIT_END; EXCEPTION on any error before it propagates."""
@@ -156,6 +169,8 @@ class Engine:
             try:
                 if run.is_main_process:
                     run.log.info(describe_start(model, config, run))
+                    for warning in prepared.warnings:
+                        run.log.warning(warning)
                 self.bus.fire(Event.FIT_START, run)
                 self._run_epochs(run, step_model, prepared)
                 self.bus.fire(Event.FIT_END, run)

@@ -5,8 +5,10 @@
 3. ``setup_strategy``: the strategy builds its optimisers on the placed model.
 4. ``make_train_batches`` / ``make_eval_batches``: the data, sharded per rank.
 5. ``restore_training``: model, strategy, scaler and RNG streams from the checkpoint.
-6. ``open_run``: the run folder (the checkpoint's when resuming), the ``RunState`` handlers see,
-   its restored history and counters, and the monitored metric.
+6. ``engine/preflight.py``: every check that can run before the first step (names, data, the
+   output folder, schedulers), before anything is written.
+7. ``open_run``: the run folder (the checkpoint's when resuming), the ``RunState`` handlers see,
+   its restored history and counters, and the monitored metric the pre-flight chose.
 
 Nothing here trains; ``engine/loop.py`` calls these in order and then runs the loop.
 """
@@ -30,7 +32,6 @@ from engine.errors import ConfigError, StrategyError
 from engine.hardware.device import resolve_device
 from engine.hardware.precision import autocast_factory, make_scaler
 from engine.metrics import MetricBuffer
-from engine.protocols import StepStrategy
 from engine.run_dir import create_run_dir
 from engine.seeding import seed_everything
 from engine.state import Progress, RunState
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PreparedRun",
     "check_trainable",
-    "default_monitor",
     "describe_start",
     "make_context",
     "make_eval_batches",
@@ -61,6 +61,7 @@ class PreparedRun:
     context: StepContext
     train_batches: Batches
     eval_batches: Batches | None
+    warnings: tuple[str, ...] = ()
 
 
 def read_resume(resume: Any, config: EngineConfig) -> LoadedCheckpoint | None:
@@ -173,11 +174,12 @@ def open_run(
     model: torch.nn.Module,
     ctx: StepContext,
     train_batches: Batches,
-    has_eval: bool,
+    monitor: str | None,
     checkpoint: LoadedCheckpoint | None,
 ) -> RunState:
     """The run folder (created on the main process, or the resumed run's), the ``RunState``
-    handlers see with its history and counters restored, and the monitored metric."""
+    handlers see with its history and counters restored, and the monitored metric (None: no
+    best value is kept)."""
     config, world = engine.config, ctx.world
     run_dir: Path | None = None
     if config.output_dir is not None and world.is_main:
@@ -200,13 +202,8 @@ def open_run(
         restore_run(checkpoint, run)
     if run_dir is not None:
         run.paths["run_dir"] = run_dir
-    run.monitor = config.monitor or default_monitor(engine.strategy, has_eval)
+    run.monitor = monitor
     return run
-
-
-def default_monitor(strategy: StepStrategy, has_eval: bool) -> str:
-    """The metric best checkpoints follow unless the config names one: the first loss."""
-    return f"{'eval' if has_eval else 'train'}/{strategy.loss_keys[0]}"
 
 
 def describe_start(model: torch.nn.Module, config: EngineConfig, run: RunState) -> str:

@@ -14,8 +14,8 @@ import attrs
 
 from engine.config.validators import (
     device_name,
+    finite_positive_number,
     is_bool,
-    is_int,
     min_or_max,
     non_empty_str,
     non_negative_int,
@@ -24,6 +24,7 @@ from engine.config.validators import (
     plain_folder_name,
     positive_int,
     positive_number,
+    seed_value,
 )
 from engine.errors import ConfigError
 
@@ -60,7 +61,7 @@ class EngineConfig:
     eval_batch_size: int | None = attrs.field(default=None, validator=optional(positive_int))
     shuffle: bool = attrs.field(default=True, validator=is_bool)
     drop_last: bool = attrs.field(default=False, validator=is_bool)
-    seed: int = attrs.field(default=0, validator=is_int)
+    seed: int = attrs.field(default=0, validator=seed_value)
     device: str = attrs.field(default="auto", validator=device_name)
     precision: Precision = attrs.field(default="fp32", validator=one_of("fp32", "bf16", "fp16"))
     grad_clip_norm: float | None = attrs.field(default=None, validator=optional(positive_number))
@@ -75,7 +76,7 @@ class EngineConfig:
     compile: bool = attrs.field(default=False, validator=is_bool)
     output_dir: Path | None = attrs.field(default=Path("runs"), converter=_optional_path)
     run_name: str | None = attrs.field(default=None, validator=optional(plain_folder_name))
-    distributed_timeout_s: float = attrs.field(default=600.0, validator=positive_number)
+    distributed_timeout_s: float = attrs.field(default=600.0, validator=finite_positive_number)
     eval_with_grad: bool = attrs.field(default=False, validator=is_bool)
 
     @property

@@ -305,25 +305,27 @@ def _arguments_text(args: Mapping[str, Any]) -> str:
 
 def _strategy(table: Mapping[str, Any]) -> StrategyConfig:
     name = _name("strategy.name", table.get("name"), "a strategy name (e.g. 'Standard')")
-    optimizers = {
-        role: _spec("optimizers", role, spec, OptimizerSpec)
-        for role, spec in _table("strategy.optimizers", table.get("optimizers", {})).items()
-    }
-    schedulers = {
-        role: _spec("schedulers", role, spec, SchedulerSpec)
-        for role, spec in _table("strategy.schedulers", table.get("schedulers", {})).items()
-    }
-    if not optimizers:
+    optimizer_tables = _table("strategy.optimizers", table.get("optimizers", {}))
+    scheduler_tables = _table("strategy.schedulers", table.get("schedulers", {}))
+    if not optimizer_tables:
         raise ConfigError(
             "strategy.optimizers is empty: give one table per role, e.g. "
             "[strategy.optimizers.model] name = 'Adam', lr = 1e-3"
         )
-    orphans = sorted(set(schedulers) - set(optimizers))
+    orphans = sorted(set(scheduler_tables) - set(optimizer_tables))
     if orphans:
         raise ConfigError(
             f"strategy.schedulers has role(s) {orphans} with no optimizer; "
-            f"optimizer roles: {sorted(optimizers)}"
+            f"optimizer roles: {sorted(optimizer_tables)}"
         )
+    optimizers = {
+        role: _spec("optimizers", role, spec, OptimizerSpec)
+        for role, spec in optimizer_tables.items()
+    }
+    schedulers = {
+        role: _spec("schedulers", role, spec, SchedulerSpec)
+        for role, spec in scheduler_tables.items()
+    }
     args = {
         k: _deep_copy(v) for k, v in table.items() if k not in ("name", "optimizers", "schedulers")
     }

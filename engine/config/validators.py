@@ -90,10 +90,21 @@ def _is_positive_pair(value: Any) -> bool:
 positive_int = Check("a positive integer", lambda v: _is_int(v) and v > 0)
 non_negative_int = Check("a non-negative integer", lambda v: _is_int(v) and v >= 0)
 is_int = Check("an integer", _is_int)
+# Seeds are multiplied by about 2**20 to derive per-epoch and per-rank streams, which torch's
+# generators hold in 64 bits: a seed of at most 2**40 in magnitude keeps every derived seed in
+# range (``time.time_ns()``, about 2**60, would overflow the first epoch's generator).
+SEED_LIMIT = 2**40
+seed_value = Check(
+    "an integer between -2**40 and 2**40 (e.g. 0, or time.time_ns() % 2**32)",
+    lambda v: _is_int(v) and -SEED_LIMIT <= v <= SEED_LIMIT,
+)
 is_bool = Check("true or false", lambda v: isinstance(v, bool))
 optional_bool = optional(is_bool, "true, false or None")
 is_callable = Check("callable", callable)
 positive_number = Check("a positive number", lambda v: _is_number(v) and v > 0)
+finite_positive_number = Check(
+    "a finite positive number", lambda v: _is_number(v) and math.isfinite(v) and v > 0
+)
 finite_non_negative_number = Check(
     "a finite number >= 0", lambda v: _is_number(v) and math.isfinite(v) and v >= 0
 )

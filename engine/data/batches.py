@@ -22,7 +22,7 @@ import attrs
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from engine.data.prefetch import fits_on_device, pin, prefetch_to_device
+from engine.data.prefetch import fits_on_device, move_to_device, pin, prefetch_to_device
 from engine.distributed.collectives import World
 from engine.errors import DataError
 
@@ -127,6 +127,13 @@ class TensorBatches:
             return batches
         return prefetch_to_device(batches, self.device)
 
+    def first_batch(self) -> Any:
+        """A batch of the first batch's size, in data order, on the device: what the pre-flight
+        forward runs on (no shuffled copy of the data is made for it)."""
+        lo, hi = self.bounds[0]
+        batch = _rebuild(self.template, [leaf[: hi - lo] for leaf in self.leaves])
+        return batch if self.device is None else move_to_device(batch, self.device)
+
     def _slices(self, epoch: int, start: int) -> Iterator[Any]:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         nbytes = sum(leaf.numel() * leaf.element_size() for leaf in self.leaves)
@@ -185,6 +192,20 @@ class LoaderBatches:
             raise TypeError("an iterable dataset has no known length")
         return self.length
 
+    def first_batch(self) -> Any:
+        """One batch on the device, for the pre-flight forward: the first batch's samples
+        collated in this process (no worker started) for a map-style dataset, else the first
+        batch the loader yields (a ``DataLoader`` is iterated anew at each epoch)."""
+        if self.sampler is not None:
+            lo, hi = self.sampler.bounds[0]
+            dataset = self.loader.dataset
+            batch = self.loader.collate_fn([dataset[index] for index in range(lo, hi)])
+        else:
+            batch = next(iter(self.loader), None)
+            if batch is None:
+                raise DataError("the data yields no batch")
+        return move_to_device(batch, self.device)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start)
@@ -209,6 +230,22 @@ def known_length(batches: Batches) -> int | None:
     return len(batches)
 
 
+@attrs.frozen
+class BatchOptions:
+    """How ``make_batches`` cuts data: the settings every kind of input shares."""
+
+    name: str
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+    device: torch.device
+    world: World
+    on_device: bool = True
+    num_workers: int = 0
+    lockstep: bool = True
+
+
 def make_batches(
     data: Any,
     *,
@@ -225,65 +262,113 @@ def make_batches(
 ) -> Batches:
     """Batches for ``data``; an empty dataset or one that yields no batch is an error.
 
-    ``lockstep`` (training): every rank runs the same number of batches, so a last global batch
-    too small to give every rank a sample is an error. Without it (evaluation), a rank whose
-    share of the last batch is empty skips that batch: every sample is seen exactly once.
+    ``lockstep`` (training): every rank runs the same
+    number of batches, so a last global batch too small to give every rank a sample is an error.
+    Without it (evaluation), a rank whose share of the last batch is empty skips that batch:
+    every sample is seen exactly once. A Python list is refused: it could hold samples or
+    columns (a tuple is read as columns, as a ``TensorDataset``).
     """
+    settings = BatchOptions(
+        name, batch_size, shuffle, drop_last, seed, device, world, on_device, num_workers, lockstep
+    )
     if isinstance(data, DataLoader):
-        _check_loader_shards(data, name, world)
-        length = _loader_length(data)
-        if length == 0:
-            raise DataError(f"{name} DataLoader yields no batches (len(loader) == 0)")
-        return LoaderBatches(data, device, None, length)
+        return _ready_loader(data, settings)
     if isinstance(data, TensorDataset):
-        data = list(data.tensors)
-    if isinstance(data, (torch.Tensor, Mapping, list, tuple)):
-        n = _check_tensors(data, name)
-        bounds = _bounds_or_error(n, batch_size, drop_last, world, name, lockstep)
-        leaves = _leaves(data)
-        if on_device and fits_on_device(leaves, device):
-            leaves = [leaf.to(device) for leaf in leaves]
-        else:
-            leaves = pin(leaves, device)
-        return TensorBatches(
-            data, leaves, n, batch_size, shuffle, drop_last, seed, world, bounds, device
-        )
+        data = tuple(data.tensors)
+    if isinstance(data, list):
+        raise DataError(_list_message(data, settings.name))
+    if isinstance(data, (torch.Tensor, Mapping, tuple)):
+        return _tensor_batches(data, settings)
     if isinstance(data, IterableDataset):
-        loader = DataLoader(
-            data,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        return LoaderBatches(loader, device, None, None)
+        return _stream_batches(data, settings)
     if isinstance(data, Dataset):
-        try:
-            n = len(data)  # type: ignore[arg-type]
-        except TypeError as error:
-            raise DataError(f"{name} dataset {type(data).__name__} has no len()") from error
-        if n == 0:
-            raise DataError(f"{name} data is empty (0 samples)")
-        bounds = _bounds_or_error(n, batch_size, drop_last, world, name, lockstep)
-        sampler = EpochBatchSampler(n, bounds, shuffle, seed)
-        loader = DataLoader(
-            data,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        return LoaderBatches(loader, device, sampler, len(bounds))
+        return _dataset_batches(data, settings)
     raise DataError(
-        f"{name} data of type {type(data).__name__} is not supported; pass a tensor, a dict of "
-        "tensors, a TensorDataset, a Dataset, an IterableDataset or a DataLoader"
+        f"{settings.name} data of type {type(data).__name__} is not supported; pass a tensor, a "
+        "dict of tensors, a TensorDataset, a Dataset, an IterableDataset or a DataLoader"
     )
 
 
-def _bounds_or_error(
-    n: int, batch_size: int, drop_last: bool, world: World, name: str, lockstep: bool = True
-) -> list[tuple[int, int]]:
-    bounds = batch_bounds(n, batch_size, drop_last, world)
-    if not lockstep:
+def _list_message(data: list[Any], name: str) -> str:
+    kinds = sorted({type(item).__name__ for item in data})
+    return (
+        f"{name} data is a Python list of {len(data)} item(s) ({', '.join(kinds) or 'empty'}): "
+        "it could hold samples or columns. Stack samples into one tensor (torch.stack(items)), "
+        "or pass columns as a tuple, a dict of tensors or a TensorDataset"
+    )
+
+
+def _ready_loader(loader: DataLoader[Any], settings: BatchOptions) -> LoaderBatches:
+    _check_loader_shards(loader, settings.name, settings.world)
+    length = _loader_length(loader)
+    if length == 0:
+        raise DataError(f"{settings.name} DataLoader yields no batches (len(loader) == 0)")
+    return LoaderBatches(loader, settings.device, None, length)
+
+
+def _tensor_batches(data: Any, settings: BatchOptions) -> TensorBatches:
+    """The fast path: in-memory tensors, on the device once when they fit."""
+    n = _check_tensors(data, settings.name)
+    bounds = _bounds_or_error(n, settings)
+    leaves = _leaves(data)
+    device = settings.device
+    if settings.on_device and fits_on_device(leaves, device):
+        leaves = [leaf.to(device) for leaf in leaves]
+    else:
+        leaves = pin(leaves, device)
+    return TensorBatches(
+        data,
+        leaves,
+        n,
+        settings.batch_size,
+        settings.shuffle,
+        settings.drop_last,
+        settings.seed,
+        settings.world,
+        bounds,
+        device,
+    )
+
+
+def _dataset_batches(data: Dataset[Any], settings: BatchOptions) -> LoaderBatches:
+    """A map-style dataset through a DataLoader driven by our epoch batch sampler."""
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise DataError(f"{settings.name} dataset {type(data).__name__} has no len()") from error
+    if n == 0:
+        raise DataError(f"{settings.name} data is empty (0 samples)")
+    bounds = _bounds_or_error(n, settings)
+    sampler = EpochBatchSampler(n, bounds, settings.shuffle, settings.seed)
+    loader = _loader(data, settings, sampler)
+    return LoaderBatches(loader, settings.device, sampler, len(bounds))
+
+
+def _stream_batches(data: IterableDataset[Any], settings: BatchOptions) -> LoaderBatches:
+    """An iterable dataset, batched by a DataLoader as it streams (its length is unknown)."""
+    loader = DataLoader(
+        data,
+        batch_size=settings.batch_size,
+        drop_last=settings.drop_last,
+        num_workers=settings.num_workers,
+        pin_memory=settings.device.type == "cuda",
+    )
+    return LoaderBatches(loader, settings.device, None, None)
+
+
+def _loader(data: Dataset[Any], settings: BatchOptions, sampler: EpochBatchSampler) -> Any:
+    return DataLoader(
+        data,
+        batch_sampler=sampler,
+        num_workers=settings.num_workers,
+        pin_memory=settings.device.type == "cuda",
+    )
+
+
+def _bounds_or_error(n: int, settings: BatchOptions) -> list[tuple[int, int]]:
+    batch_size, world, name = settings.batch_size, settings.world, settings.name
+    bounds = batch_bounds(n, batch_size, settings.drop_last, world)
+    if not settings.lockstep:
         return [(lo, hi) for lo, hi in bounds if hi > lo]
     if not bounds:
         raise DataError(

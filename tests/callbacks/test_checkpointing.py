@@ -61,6 +61,10 @@ class Scores:
     def on_epoch_end(self, run: RunState) -> None:
         run.epoch_metrics["score"] = self.values[run.progress.epoch - 1]
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The name it adds, declared so that the pre-flight stage resolves the monitor."""
+        return ("score",)
+
 
 @settings(max_examples=8, deadline=None)
 @given(epochs=st.integers(1, 4), keep=st.sampled_from([None, 0, 1, 2]))
@@ -165,7 +169,7 @@ class CtrlCAt:
         self.calls, self.at = 0, at
 
     def __call__(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
-        self.calls += 1
+        self.calls += torch.is_grad_enabled()  # the pre-flight forward (no_grad) is no step
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGINT)
         return model(batch, **kwargs)
@@ -192,7 +196,7 @@ class NanAfter:
         self.calls, self.nan_at = 0, nan_at
 
     def __call__(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
-        self.calls += 1
+        self.calls += torch.is_grad_enabled()  # the pre-flight forward (no_grad) is no step
         outputs = model(batch, **kwargs)
         if self.calls >= self.nan_at:
             outputs["loss"] = outputs["loss"] * float("nan")
@@ -263,22 +267,29 @@ def test_a_monitor_missing_from_the_metrics_is_an_error_naming_them(tmp_path: Pa
         _engine(tmp_path, [Checkpointing(monitor="train/nope", durable=False)]).fit(
             DropoutRegressor(), data(8)
         )
-    # The error came at an epoch boundary, a consistent point: the crash save still happens.
-    assert _step_of(tmp_path / "run" / "checkpoints" / "last") == 2
+    # The pre-flight stage refuses the name before the first step and before any file.
+    assert not (tmp_path / "run").exists()
 
 
-def fails_in_eval(model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
-    """The engine's forward, raising in evaluation (``model.training`` is False)."""
-    if not model.training:
-        raise RuntimeError("failure in evaluation")
-    return model(batch, **kwargs)
+class FailsInEval:
+    """The engine's forward, raising in evaluation (``model.training`` is False) after the
+    pre-flight forward (the first one in eval mode) passed."""
+
+    def __init__(self) -> None:
+        self.eval_calls = 0
+
+    def __call__(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Any:
+        self.eval_calls += not model.training
+        if self.eval_calls > 1:
+            raise RuntimeError("failure in evaluation")
+        return model(batch, **kwargs)
 
 
 def test_an_error_during_the_epochs_end_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """The epoch's train means are already taken when evaluation runs: no save there."""
     callbacks = [Checkpointing(every_n_steps=1, best_k=0, durable=False)]
     with pytest.raises(RuntimeError, match="failure in evaluation"):
-        _engine(tmp_path, callbacks, fails_in_eval).fit(DropoutRegressor(), data(8), data(4))
+        _engine(tmp_path, callbacks, FailsInEval()).fit(DropoutRegressor(), data(8), data(4))
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
     assert last.meta["progress"] == {"epoch": 0, "step": 2, "batch_in_epoch": 2, "skipped_steps": 0}
 

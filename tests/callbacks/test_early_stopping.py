@@ -48,6 +48,10 @@ class FeedMetric:
     def on_epoch_end(self, run: RunState) -> None:
         run.epoch_metrics["synthetic"] = self.values[run.progress.epoch - 1]
 
+    def metric_names(self) -> tuple[str, ...]:
+        """The name it adds, declared so that the pre-flight stage resolves the monitor."""
+        return ("synthetic",)
+
 
 _values = st.lists(
     st.one_of(st.floats(-10, 10, allow_nan=False), st.just(math.nan), st.sampled_from([0.0, 1.0])),
