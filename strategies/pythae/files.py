@@ -9,6 +9,7 @@ pythae's is a ``ConfigError`` naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -89,17 +90,36 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def load_training_config(path: str | os.PathLike[str]) -> Any:
-    """One of pythae's four training configs from its JSON file."""
+    """One of pythae's four training configs from its JSON file.
+
+    Read field by field rather than by pythae's ``from_json_file``: under pydantic 2 that
+    refuses the ``null`` pythae itself writes for an unset scheduler of the multi-optimiser
+    configs (their fields are typed ``str`` with a ``None`` default). A ``null`` whose field
+    defaults to ``None`` is therefore left to that default; a key the config does not have is
+    refused (pythae would ignore a misspelt field)."""
     from pythae import trainers
 
     path = Path(path)
-    name = _read_json(path, "training config")["name"]
+    values = _read_json(path, "training config")
+    name = values.pop("name")
     if name not in LAYOUTS:
         raise ConfigError(
             f"training config {str(path)!r} names {name!r}; expected one of {list(LAYOUTS)}"
         )
+    config_class = getattr(trainers, name)
+    fields = {field.name: field for field in dataclasses.fields(config_class) if field.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"training config {str(path)!r} has field(s) {unknown} that {name} does not have"
+        )
+    given = {
+        key: value
+        for key, value in values.items()
+        if not (value is None and fields[key].default is None)
+    }
     try:
-        return getattr(trainers, name).from_json_file(str(path))
+        return config_class(**given)
     except (TypeError, ValueError, AttributeError) as error:
         raise ConfigError(f"training config {str(path)!r} is not a valid {name}: {error}") from None
 
@@ -125,7 +145,7 @@ def model_classes() -> dict[str, type]:
 
 def load_model_config(path: str | os.PathLike[str]) -> Any:
     """A pythae model config from its JSON file."""
-    from pythae.models import AutoConfig
+    from pythae.models.auto_model import AutoConfig
 
     path = Path(path)
     name = _read_json(path, "model config")["name"]
