@@ -138,8 +138,9 @@ class QualityMetrics:
                 f"the reference has {len(self._images)}"
             )
 
-    @property
-    def names(self) -> list[str]:
+    def metric_names(self) -> list[str]:
+        """The metrics this callback adds to an epoch's (the engine's pre-flight reads them, so
+        ``monitor="eval/fid"`` is known before the first step)."""
         return [f"{self.prefix}/{name}" for name in METRICS]
 
     # ---------------------------------------------------------------- events
@@ -190,7 +191,7 @@ class QualityMetrics:
             self.kid_subset_size,
             self.seed,
         )
-        return dict(zip(self.names, (fid, kid, kid_std)))
+        return dict(zip(self.metric_names(), (fid, kid, kid_std)))
 
     def _stream(
         self, batches: Iterator[torch.Tensor], world: World, side: str

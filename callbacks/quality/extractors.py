@@ -121,8 +121,9 @@ class InceptionV3Features:
                 f"InceptionV3Features needs the InceptionV3 FID weights as a file; "
                 f"weights_path={None if weights_path is None else str(weights_path)!r} "
                 f"{'is not set' if weights_path is None else 'does not exist'}. Download it once "
-                f"from {INCEPTION_WEIGHTS_URL} and pass its path (nothing is downloaded at run "
-                "time), or use extractor='random_conv' for a quick in-project measure"
+                f"from {INCEPTION_WEIGHTS_URL} and pass its path as weights_path (in a config: "
+                "extractor_args = {weights_path = '...'}); nothing is downloaded at run time. "
+                "Or use extractor='random_conv' for a quick in-project measure"
             )
         try:
             module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
