@@ -59,6 +59,7 @@ from engine.run_setup import (
     read_resume,
     restore_training,
 )
+from engine.seeding import seed_everything
 from engine.state import FitResult, Progress, RunState
 
 _STRATEGY_METHODS = sorted(name for name in dir(StepStrategy) if not name.startswith("_"))
@@ -69,6 +70,11 @@ class Engine:
 
     ``forward(model, batch, **kwargs)`` replaces the default ``model(batch, **kwargs)`` call,
     e.g. to pass pythae's ``epoch`` or ``dataset_size`` arguments.
+
+    Constructing an ``Engine`` seeds every random stream (python, numpy, torch) with
+    ``config.seed``, so that a model built after it (``engine.fit(VAE(), ...)``, or any line
+    below ``Engine(...)``) starts from the same weights in every process that runs the same
+    script; ``fit`` seeds again (``seed + rank``) before it trains.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Engine:
             )
         self.strategy = strategy
         self.config = config if config is not None else EngineConfig()
+        seed_everything(self.config.seed)  # the model built next starts from the same weights
         self.forward = forward or call_model
         self.callbacks = tuple(callbacks)
         self.bus = EventBus()

@@ -1,323 +1,39 @@
 """The command line: ``strategy-engine fit|resume|evaluate|predict`` (also ``python -m engine``).
 
-This is the edge of the engine, the one module in ``engine/`` that knows the concrete
-strategies and callbacks: it turns a checked run config (``engine.config.file``) into a model,
-data, a strategy and callbacks, and runs them. Those packages are imported inside functions, so
-``import engine`` stays light. A bad config, or a bad value met during the run, is printed as
-one line (``error: ...``) without a traceback, and the exit code is 2.
-
-A ``fit`` run writes, besides what its callbacks write, the resolved config as
-``run_dir/config.toml``: ``strategy-engine fit run_dir/config.toml`` repeats the run, and
-``strategy-engine resume run_dir`` continues it from its latest checkpoint. ``Checkpointing`` is
-one of the default callbacks; its ``model_final.pt`` is what ``evaluate`` and ``predict`` load
-from a run folder.
+This module parses the arguments and reports the outcome; what each command does is in
+``engine/cli/commands.py``, imported only once a command runs (so ``--help`` loads no torch
+from here). Every error of the project's own types (``engine.errors``: a bad config, bad data,
+a refused checkpoint, a name the run does not produce...) is printed as one line, ``error:
+...``, without a traceback, and the exit code is 2. Ctrl-C prints one line saying where the run
+stopped and how to resume it, with exit code 130. Anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
-import torch
-
-from engine.config.file import (
-    FactoryRef,
-    RunConfig,
-    apply_overrides,
-    call_factory,
-    check_arguments,
-    dump_toml,
-    import_object,
-    load_config_file,
-    resolve_config,
-)
-from engine.distributed.collectives import current_world
-from engine.errors import CheckpointError, ConfigError, DataError
-from engine.loop import Engine
-from engine.seeding import seed_everything
-from engine.state import FitResult, RunState
-
-CONFIG_FILENAME = "config.toml"
-MODEL_FILENAME = "model_final.pt"
-IMAGE_BATCH_SIZE = 16
-# Callbacks a fit gets unless the config lists one of the same name (whose arguments then win).
-DEFAULT_CALLBACKS = ("ProgressBar", "ConsoleMetrics", "MetricsHistory", "Checkpointing")
 USAGE_ERROR = 2
-RUN_CONFIG_KEY = "run_config"
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+# Names tests and scripts import from here; they live in ``engine.cli.commands``.
+_COMMAND_NAMES = frozenset(
+    {"build", "load_run_config", "fit", "resume", "evaluate", "predict", "RunFiles"}
+)
 
 
-@attrs.define
-class Built:
-    """Everything a command needs, made from a checked config before anything runs."""
+def __getattr__(name: str) -> Any:
+    """``engine.cli.main.build`` and the like, from ``engine.cli.commands`` on first use."""
+    if name in _COMMAND_NAMES:
+        from engine.cli import commands
 
-    config: RunConfig
-    model: torch.nn.Module
-    train: Any
-    eval: Any
-    strategy: Any
-    callbacks: list[Any]
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def strategy_classes() -> dict[str, type]:
-    """The strategies a config can name, by class name."""
-    import strategies
-
-    found = {name: getattr(strategies, name) for name in strategies.__all__}
-    return {
-        name: value
-        for name, value in found.items()
-        if isinstance(value, type) and callable(getattr(value, "train_step", None))
-    }
-
-
-def callback_classes() -> dict[str, Any]:
-    """The callbacks a config can name without an import path, by class name."""
-    import callbacks
-
-    return {name: getattr(callbacks, name) for name in callbacks.__all__}
-
-
-def build_strategy(config: RunConfig) -> Any:
-    """The strategy a config names, with its optimisers and schedulers bound to its roles."""
-    spec = config.strategy
-    known = strategy_classes()
-    if ":" in spec.name:
-        cls = import_object("strategy.name", spec.name)
-    elif spec.name in known:
-        cls = known[spec.name]
-    else:
-        raise ConfigError(
-            f"strategy.name {spec.name!r} is not a strategy; choose one of {sorted(known)} "
-            "or give an import path 'package.module:Class'"
-        )
-    roles = _role_arguments(cls, spec)
-    clashes = sorted(set(spec.args) & set(roles))
-    if clashes:
-        raise ConfigError(
-            f"[strategy] sets {clashes} directly; give optimisers and schedulers in "
-            "[strategy.optimizers.ROLE] and [strategy.schedulers.ROLE] tables instead"
-        )
-    ref = FactoryRef("strategy", spec.name, {**spec.args, **roles})
-    check_arguments("strategy", cls, ref.args)
-    return call_factory(ref, cls)
-
-
-def _role_arguments(cls: Any, spec: Any) -> dict[str, Any]:
-    """Optimiser and scheduler specs as the strategy's constructor takes them: a single-role
-    strategy (``Standard``) takes ``optimizer``/``scheduler`` for role ``model``; a multi-role
-    one takes ``<role>`` (the optimiser) and ``<role>_scheduler`` for each of its roles."""
-    accepted = set(inspect.signature(cls).parameters)
-    roles = sorted(spec.optimizers)
-    if "optimizer" in accepted:
-        expected = ["model"]
-        arguments = {"optimizer": spec.optimizers.get("model")}
-        if "model" in spec.schedulers:
-            arguments["scheduler"] = spec.schedulers["model"]
-    else:
-        expected = sorted(name for name in accepted if f"{name}_scheduler" in accepted)
-        arguments = {role: spec.optimizers.get(role) for role in expected}
-        arguments.update({f"{role}_scheduler": value for role, value in spec.schedulers.items()})
-    if roles != expected:
-        raise ConfigError(
-            f"strategy {spec.name!r} has the role(s) {expected}: give one "
-            f"[strategy.optimizers.ROLE] table for each; got {roles}"
-        )
-    return arguments
-
-
-def build_callbacks(config: RunConfig, image_batch: Any, defaults: Sequence[str]) -> list[Any]:
-    """The config's callbacks, after the defaults it does not list. A callback that takes an
-    ``image_batch`` and was given none gets the first eval (else train) samples."""
-    known = callback_classes()
-    named = [ref.target for ref in config.callbacks]
-    refs = [FactoryRef(f"default {name}", name, {}) for name in defaults if name not in named]
-    built = []
-    for ref in [*refs, *config.callbacks]:
-        if ":" in ref.target:
-            cls = import_object(f"{ref.key}.name", ref.target)
-        elif ref.target in known:
-            cls = known[ref.target]
-        else:
-            raise ConfigError(
-                f"{ref.key}.name = {ref.target!r} is not a callback; choose one of "
-                f"{sorted(known)} or give an import path 'package.module:Factory'"
-            )
-        check_arguments(ref.key, cls, ref.args)
-        extra = {}
-        if image_batch is not None and "image_batch" not in ref.args and _takes(cls, "image_batch"):
-            extra["image_batch"] = image_batch
-        built.append(call_factory(ref, cls, **extra))
-    return built
-
-
-def _takes(target: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def first_samples(data: Any, count: int) -> Any:
-    """The first ``count`` samples of ``data`` as one batch (a tensor, a dict of tensors, or a
-    map-style dataset collated), or None where the data can not be indexed that way."""
-    if isinstance(data, torch.Tensor):
-        return data[:count]
-    if (
-        isinstance(data, Mapping)
-        and data
-        and all(isinstance(v, torch.Tensor) for v in data.values())
-    ):
-        return {key: value[:count] for key, value in data.items()}
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and len(data) > 0:
-        from torch.utils.data import default_collate
-
-        return default_collate([data[index] for index in range(min(count, len(data)))])
-    return None
-
-
-def build(config: RunConfig, *, with_callbacks: bool = True) -> Built:
-    """Model, data, strategy and callbacks of a checked config; any problem is a
-    ``ConfigError`` raised here, before training. The RNGs are seeded with ``engine.seed``
-    first, so the model's initial weights (and random data) repeat with the config."""
-    seed_everything(config.engine.seed)
-    model = call_factory(config.model, import_object("model.factory", config.model.target))
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(
-            f"model.factory {config.model.target!r} must return a torch.nn.Module, "
-            f"got {type(model).__name__}"
-        )
-    train = call_factory(config.train, import_object("data.train.factory", config.train.target))
-    eval_data = (
-        None
-        if config.eval is None
-        else call_factory(config.eval, import_object("data.eval.factory", config.eval.target))
-    )
-    strategy = build_strategy(config)
-    callbacks: list[Any] = []
-    if with_callbacks:
-        image_batch = first_samples(eval_data if eval_data is not None else train, IMAGE_BATCH_SIZE)
-        callbacks = build_callbacks(config, image_batch, DEFAULT_CALLBACKS)
-    return Built(config, model, train, eval_data, strategy, callbacks)
-
-
-def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """A config file, or a run folder's ``config.toml``, with overrides applied and checked."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_FILENAME
-    raw = load_config_file(path)
-    return resolve_config(apply_overrides(raw, overrides))
-
-
-# ----------------------------------------------------------------------------- run files
-
-
-@attrs.define(eq=False)
-class RunFiles:
-    """Writes the resolved config as ``config.toml`` into the run folder at FIT_START, on rank
-    0 (a resumed run rewrites it with the overrides it was resumed with), and lends it to the
-    trackers as ``run.extra["run_config"]``; its priority puts it before them."""
-
-    raw_config: dict[str, Any]
-    priority: int = 100
-
-    def on_fit_start(self, run: RunState) -> None:
-        run.extra[RUN_CONFIG_KEY] = self.raw_config  # trackers log it as the run's parameters
-        if run.run_dir is None or not run.is_main_process:
-            return
-        path = run.run_dir / CONFIG_FILENAME
-        path.write_text(dump_toml(self.raw_config), encoding="utf-8")
-        run.paths["config"] = path
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a state dict file (``weights_only``: the file can not run code)."""
-    if not path.is_file():
-        raise ConfigError(f"no weights file at {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, KeyError, TypeError) as error:
-        raise CheckpointError(f"can not load weights from {str(path)!r}: {error}") from None
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def fit(config_path: str | Path, overrides: Sequence[str] = ()) -> FitResult:
-    """Train as the config says; returns the engine's ``FitResult``."""
-    config = load_run_config(config_path, overrides)
-    built = build(config)
-    engine = Engine(built.strategy, config.engine, [RunFiles(config.raw), *built.callbacks])
-    return engine.fit(built.model, built.train, built.eval)
-
-
-def evaluate(
-    target: str | Path,
-    overrides: Sequence[str] = (),
-    weights: str | None = None,
-    split: str = "eval",
-) -> dict[str, float]:
-    """The strategy's eval losses of trained weights on the config's ``split`` data."""
-    config, built = _trained(target, overrides, weights)
-    engine = Engine(built.strategy, config.engine)
-    return engine.evaluate(built.model, _split(built, split))
-
-
-def predict(
-    target: str | Path,
-    output: str | Path | None,
-    overrides: Sequence[str] = (),
-    weights: str | None = None,
-    split: str = "eval",
-) -> Path:
-    """The model's per-sample outputs on the config's ``split`` data, saved with
-    ``torch.save`` to ``output`` (default ``RUN_DIR/predictions.pt``)."""
-    if output is None:
-        if not Path(target).is_dir():
-            raise ConfigError("predict needs --output FILE when given a config file")
-        output = Path(target) / "predictions.pt"
-    config, built = _trained(target, overrides, weights)
-    outputs = Engine(built.strategy, config.engine).predict(built.model, _split(built, split))
-    output = Path(output)
-    torch.save(outputs, output)
-    return output
-
-
-def _trained(
-    target: str | Path, overrides: Sequence[str], weights: str | None
-) -> tuple[RunConfig, Built]:
-    config = load_run_config(target, overrides)
-    built = build(config, with_callbacks=False)
-    if weights is None and not Path(target).is_dir():
-        raise ConfigError(
-            f"{str(target)!r} is a config file: give --weights PATH, or a run folder instead"
-        )
-    load_weights(built.model, Path(weights) if weights else Path(target) / MODEL_FILENAME)
-    return config, built
-
-
-def _split(built: Built, split: str) -> Any:
-    if split == "train":
-        return built.train
-    if split == "eval":
-        if built.eval is None:
-            raise ConfigError("--split eval: the config has no [data.eval]; use --split train")
-        return built.eval
-    raise ConfigError(f"--split must be 'train' or 'eval', got {split!r}")
-
-
-# ----------------------------------------------------------------------------- main
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -375,42 +91,41 @@ def _print_run_folder(run_dir: Path | None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     """Run the command; only the main process prints (every rank runs it under torchrun)."""
-    if args.command == "fit":
-        result = fit(args.config, args.overrides)
-        if not current_world().is_main:
-            return
-        if result.best_value is not None and result.best_epoch is not None:
-            print(
-                f"best {result.monitor} = {result.best_value:.4g} at epoch {result.best_epoch + 1}"
-            )
-        _print_run_folder(result.run_dir)
-    elif args.command == "resume":
-        result = resume(args.run_dir, args.overrides)
+    from engine.cli import commands
+    from engine.distributed.collectives import current_world
+
+    if args.threads is not None:
+        from engine.config.validators import positive_int
+
+        positive_int.require("--threads", args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command in ("fit", "resume"):
+        if args.command == "fit":
+            result = commands.fit(args.config, args.overrides)
+        else:
+            result = commands.resume(args.run_dir, args.overrides)
         if current_world().is_main:
-            _print_run_folder(result.run_dir)
+            _print_result(result, show_best=args.command == "fit")
     elif args.command == "evaluate":
-        metrics = evaluate(args.target, args.overrides, args.weights, args.split)
+        metrics = commands.evaluate(args.target, args.overrides, args.weights, args.split)
         if current_world().is_main:
             print(json.dumps(metrics, indent=2, sort_keys=True))
     else:
-        path = predict(args.target, args.output, args.overrides, args.weights, args.split)
+        path = commands.predict(args.target, args.output, args.overrides, args.weights, args.split)
         if current_world().is_main:
             print(f"predictions: {path}")
 
 
-def resume(run_dir: str | Path, overrides: Sequence[str] = ()) -> FitResult:
-    """Continue the run in ``run_dir`` from its latest checkpoint, with its ``config.toml``
-    (and ``overrides``, e.g. ``engine.epochs=20`` to train longer); it writes on into
-    ``run_dir``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILENAME).is_file():
-        raise ConfigError(
-            f"resume needs a run folder holding {CONFIG_FILENAME}, got {str(run_dir)!r}"
-        )
-    config = load_run_config(run_dir, overrides)
-    built = build(config)
-    engine = Engine(built.strategy, config.engine, [RunFiles(config.raw), *built.callbacks])
-    return engine.fit(built.model, built.train, built.eval, resume=run_dir)
+def _print_result(result: Any, show_best: bool) -> None:
+    if show_best and result.best_value is not None and result.best_epoch is not None:
+        print(f"best {result.monitor} = {result.best_value:.4g} at epoch {result.best_epoch + 1}")
+    _print_run_folder(result.run_dir)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,13 +135,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from engine import errors
+    from engine.cli.commands import Interrupted
+
+    ours = (
+        errors.ConfigError,
+        errors.DataError,
+        errors.CheckpointError,
+        errors.ModelOutputError,
+        errors.NonFiniteLossError,
+        errors.StrategyError,
+        errors.DistributedError,
+    )
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
-            torch.set_num_threads(args.threads)
         _run(args)
-    except (ConfigError, DataError, CheckpointError) as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    except ours as error:
+        print("error: " + _one_line(str(error)), file=sys.stderr)
         return USAGE_ERROR
+    except Interrupted as interrupted:
+        print(_one_line(str(interrupted)), file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:  # outside a run (building the model, reading the data)
+        print("interrupted before the first step", file=sys.stderr)
+        return INTERRUPTED
     return 0

@@ -108,7 +108,10 @@ def test_resume_continues_the_run_as_if_never_stopped(tmp_path: Path) -> None:
     history = without_time(tmp_path / "a" / "metrics.jsonl")
     assert len(history) == 2
     assert history == without_time(tmp_path / "b" / "metrics.jsonl")
-    assert read_toml((tmp_path / "b" / "config.toml").read_text())["engine"]["epochs"] == 4
+    # A resume never rewrites config.toml: its overrides went to config-resume-1.toml.
+    assert read_toml((tmp_path / "b" / "config.toml").read_text())["engine"]["epochs"] == 1
+    resumed = read_toml((tmp_path / "b" / "config-resume-1.toml").read_text())
+    assert resumed["engine"]["epochs"] == 4
     a = torch.load(tmp_path / "a" / "model_final.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model_final.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
