@@ -32,12 +32,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine import Engine, EngineConfig, OptimizerSpec, RunState
 from engine.data.batches import batch_bounds, epoch_order
 from engine.distributed.collectives import current_world
+from engine.distributed.session import join_process_group, leave_process_group
 from examples.models import VAE, AdversarialAE
 from strategies import Adversarial, Standard
 
@@ -144,11 +144,8 @@ def _rank_main(rank: int, nprocs: int, port: int, args: argparse.Namespace, out:
     )
     torch.set_num_threads(args.threads)
     device = _device(args.device, rank)
-    if nprocs > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend)  # the engine uses it as it is; so does the DDP loop
+    # The engine's own join (nccl on CUDA, gloo otherwise); the DDP loop uses the same group.
+    join_process_group(device.type, timeout_s=600.0)
     data = torch.rand(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     seconds = {}
     for _ in range(args.repeats):
@@ -156,8 +153,7 @@ def _rank_main(rank: int, nprocs: int, port: int, args: argparse.Namespace, out:
             seconds.setdefault(name, []).append(run(data, args, device))
     if rank == 0:
         torch.save(seconds, Path(out) / f"procs{nprocs}.pt")
-    if nprocs > 1:
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 def _device(name: str, rank: int) -> torch.device:

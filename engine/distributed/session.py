@@ -13,6 +13,14 @@ reach the previous rendezvous store before the slowest rank has closed it).
 Ranks enter and leave a run together (an opening and a closing barrier): whatever rank 0 wrote
 before a run is complete before any rank reads it, and when ``fit`` returns on any rank, rank 0's
 checkpoints and exports of that run are on disk.
+
+Every path out of a process group goes through ``leave_process_group`` (at exit, by hand, and in
+the tests and benchmarks that join with ``join_process_group``): it destroys the group so that
+the group's destructor waits for its pending work and joins gloo's worker threads while the
+interpreter is whole. A worker thread that outlives the interpreter aborts the process ("terminate
+called without an active exception"): it drops the last reference to the tensors of a finished
+collective, which needs the GIL, and a thread that asks for the GIL during interpreter shutdown
+is ended in the middle of a C++ destructor.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import importlib
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 
@@ -33,7 +43,13 @@ from engine.errors import DistributedError
 from engine.hardware.device import resolve_device
 
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")
-# How long leave_process_group releases the GIL so that collective threads can finish.
+# torch modules that bind ``group.WORLD`` as a default argument when first imported. Imported
+# while a group exists, they hold it for good, so destroying it can not join its worker threads;
+# torch._dynamo imports the first one, and torch.optim imports torch._dynamo when the first
+# optimiser is built, i.e. after every fit has joined. They are imported before joining.
+_BINDS_THE_GROUP_AT_IMPORT = ("torch.distributed.nn.functional",)
+# How long leave_process_group releases the GIL when the group outlives it (held elsewhere), so
+# that its worker threads can drop what they hold before the interpreter shuts down.
 _GIL_HANDOVER_S = 0.05
 
 
@@ -99,7 +115,7 @@ def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
     usable, so a corrected ``fit`` in the same processes works.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        _join(device_name, timeout_s)
+        join_process_group(device_name, timeout_s)
     world = current_world()
     if world.is_distributed:
         collective("the opening barrier", world, dist.barrier)
@@ -109,26 +125,36 @@ def process_group(device_name: str, timeout_s: float) -> Iterator[World]:
 
 
 def leave_process_group() -> None:
-    """Destroy the default process group if there is one (idempotent).
+    """Destroy the default process group if there is one (idempotent); the one way out.
 
-    Before that, the interpreter lets go of the GIL for a moment. A gloo worker thread drops its
-    references to the tensors of the last collective just after that collective completes, and
-    dropping a tensor that Python has already released needs the GIL; if the process reaches
-    interpreter shutdown first, that thread is killed while holding C++ objects and the process
-    aborts ("terminate called without an active exception"). Seen about once in 30 two-rank runs
-    that exit right after their last collective.
+    Destroying it drops the last reference to the group (``join_process_group`` made sure torch
+    keeps none), and the group's destructor, which runs without the GIL, waits for the work
+    still queued and joins its worker threads: afterwards no thread of it is left to take the
+    GIL during interpreter shutdown. A group someone else still references outlives this call
+    (its threads too); the interpreter then lets go of the GIL for a moment so that those
+    threads can drop the tensors of the last collective while it is whole.
+
+    No barrier here: this also runs at exit after an error on one rank, when the others may be
+    inside another collective (a barrier would be matched against it). A ``fit`` ends with its
+    own closing barrier.
     """
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    # Two references: ``group`` and getrefcount's argument; more means someone else holds it.
+    if sys.getrefcount(group) > 2:
         time.sleep(_GIL_HANDOVER_S)
-        dist.destroy_process_group()
+    del group  # the destructor runs here, waiting for the group's threads
 
 
-def _join(device_name: str, timeout_s: float) -> None:
+def join_process_group(device_name: str, timeout_s: float) -> World:
     """Initialise the default process group the environment describes (nothing in one
-    process), on the local rank's device, with ``timeout_s`` for every collective."""
+    process), on the local rank's device, with ``timeout_s`` for every collective; leave it
+    with ``leave_process_group`` (registered to run at exit). Returns this process's world."""
     env = launch_environment()
     if not env.is_distributed:
-        return
+        return current_world()
     if not dist.is_available():
         raise DistributedError(
             f"WORLD_SIZE={env.world_size} but this torch build has no torch.distributed"
@@ -137,6 +163,8 @@ def _join(device_name: str, timeout_s: float) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = backend_for(device)
+    for name in _BINDS_THE_GROUP_AT_IMPORT:
+        importlib.import_module(name)
     try:
         dist.init_process_group(
             backend,
@@ -152,6 +180,7 @@ def _join(device_name: str, timeout_s: float) -> None:
         ) from error
     atexit.unregister(leave_process_group)
     atexit.register(leave_process_group)
+    return current_world()
 
 
 def _env_int(env: Mapping[str, str], name: str, default: str) -> int:

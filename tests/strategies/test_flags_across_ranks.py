@@ -4,19 +4,17 @@ step on every rank, so the ranks' parameters and optimiser states stay identical
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.config.specs import OptimizerSpec
-from engine.distributed.collectives import World
+from engine.distributed.session import join_process_group, leave_process_group
 from strategies import CoupledAdversarial
+from tests.distributed_worker import free_port, set_rank_environment
 from tests.strategies.toy import CoupledToy, make_ctx
 
 STEPS = 5
@@ -24,23 +22,16 @@ OFF_ON_RANK_ONE = {1: "update_discriminator", 2: "update_decoder"}  # step: flag
 NAN_ON_RANK_ONE = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _rank(rank: int, port: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    set_rank_environment(rank, 2, port)
+    world = join_process_group("cpu", 60.0)
     try:
         torch.manual_seed(0)
         model = CoupledToy()
         adam = OptimizerSpec("Adam", lr=0.05)
         strategy = CoupledAdversarial(encoder=adam, decoder=adam, discriminator=adam)
         ctx = make_ctx(nonfinite="skip")
-        ctx.world = World(rank=rank, world_size=2)
+        ctx.world = world
         strategy.setup(model, ctx)
         data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
         for step in range(STEPS):
@@ -60,13 +51,13 @@ def _rank(rank: int, port: int, folder: str) -> None:
         }
         torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.mark.slow
 def test_a_flag_false_or_a_non_finite_loss_on_one_rank_acts_on_every_rank(tmp_path: Path) -> None:
     mp.start_processes(
-        _rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True
+        _rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True
     )
     ranks: list[dict[str, Any]] = [
         torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)
