@@ -77,11 +77,14 @@ class Checkpointing:
 
     ``keep_periodic`` keeps that many of the newest periodic checkpoints (``None``: all; ``0``:
     none, only ``last``). ``best_k`` keeps the k best by ``monitor`` (default: the run's
-    monitored metric) in ``mode`` (default: the config's ``monitor_mode``); 0 keeps none.
-    ``save_last`` refreshes ``checkpoints/last`` at every save, at the end and on a crash
+    monitored metric) in ``mode`` (default: the config's ``monitor_mode``); 0 keeps none and
+    exports no ``model_best.pt``. A run with no monitored metric (an adversarial strategy's
+    default: its losses say nothing of the model's quality) keeps no best unless ``monitor`` is
+    given. ``save_last`` refreshes ``checkpoints/last`` at every save, at the end and on a crash
     (``save_on_exception``). ``export`` writes ``model_final.pt`` at the end and
-    ``model_best.pt`` at each new best, as plain ``state_dict`` files. ``durable=False`` skips
-    the fsyncs: a checkpoint still survives the process being killed, not a power cut.
+    ``model_best.pt`` at each new best (``best_k > 0``), as plain ``state_dict`` files.
+    ``durable=False`` skips the fsyncs: a checkpoint still survives the process being killed,
+    not a power cut.
     ``background`` writes the files in a background thread from a host-memory snapshot taken at
     the save point (see ``engine/checkpoint/writer.py``); saves at the end and on a crash are
     waited for. ``None`` (default) chooses it when the model is on an accelerator, whose memory
@@ -250,7 +253,7 @@ class Checkpointing:
                 names.append(f"{BEST_PREFIX}epoch-{epoch:04d}")
         if names and self.save_last and LAST not in names:
             names.insert(0, LAST)
-        export_best = due.new_best and self.export
+        export_best = due.new_best and self.export and self.best_k > 0
         if names:
             self._save(run, names, due.value, export_best, rank_states)
         elif export_best:
@@ -356,7 +359,7 @@ class Checkpointing:
 
     def _monitored(self, run: RunState) -> float | None:
         monitor = self.monitor or run.monitor
-        if monitor is None or (self.best_k == 0 and not self.export):
+        if monitor is None or self.best_k == 0:
             return None
         value = run.epoch_metrics.get(monitor)
         if value is None:

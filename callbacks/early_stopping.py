@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -27,8 +27,12 @@ class EarlyStopping:
 
     A NaN value never counts as an improvement. Epochs without the metric (``eval/...`` in an
     epoch with no evaluation) are not counted. It runs at ``EARLY_STOPPING_PRIORITY``, after
-    every other handler of the epoch, and its counters are part of a checkpoint.
+    every other handler of the epoch, and its counters are part of a checkpoint. The pre-flight
+    stage checks ``monitor`` against the run's metrics; without one, the run must have a
+    monitored metric (``monitor_required``).
     """
+
+    monitor_required: ClassVar[bool] = True
 
     monitor: str | None = attrs.field(default=None, validator=monitor_name)
     mode: str = attrs.field(default="min", validator=min_or_max)

@@ -1,4 +1,8 @@
-"""A tqdm progress bar per epoch, showing the loss averaged over each log interval."""
+"""A tqdm progress bar per epoch, showing the loss averaged over each log interval.
+
+By default the bar is drawn only where ``sys.stderr`` is a terminal: written to a file or a CI
+log, its carriage-return updates would interleave with the log records there.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,25 @@ from typing import Any
 import attrs
 from tqdm.auto import tqdm
 
+from engine.config.validators import is_bool, optional_bool
 from engine.state import RunState
 
 
 @attrs.define(eq=False)
 class ProgressBar:
     """One bar per epoch on the main process. The postfix shows ``run.logged_metrics``, which
-    the engine refreshes every ``log_every`` steps, so the bar never reads the device itself."""
+    the engine refreshes every ``log_every`` steps, so the bar never reads the device itself.
+    ``disable=None`` (default) draws it only on a terminal (tqdm's rule: off where stderr is
+    not a TTY); ``False`` always draws it, ``True`` never."""
 
-    leave: bool = False
-    disable: bool = False
+    leave: bool = attrs.field(default=False, validator=is_bool)
+    disable: bool | None = attrs.field(default=None, validator=optional_bool)
     priority: int = 0
     _bar: Any = attrs.field(default=None, init=False)
     _shown_step: int = attrs.field(default=-1, init=False)
 
     def on_epoch_start(self, run: RunState) -> None:
-        if not run.is_main_process or self.disable:
+        if not run.is_main_process or self.disable is True:
             return
         self._bar = tqdm(
             total=run.steps_per_epoch,
@@ -30,6 +37,7 @@ class ProgressBar:
             desc=f"epoch {run.progress.epoch + 1}/{run.config.epochs}",
             leave=self.leave,
             dynamic_ncols=True,
+            disable=self.disable,
         )
 
     def on_batch_end(self, run: RunState) -> None:

@@ -1,4 +1,5 @@
-"""The run folder (``output_dir/<run-name>/``) and the ``train.log`` sink that writes into it.
+"""The run folder (``output_dir/<run-name>/``) and the ``train.log`` sink that writes into it
+(one line per record).
 
 Two runs never share a folder: the folder is created with ``exist_ok=False``, and a name that is
 taken gets a ``-1``, ``-2``... suffix.
@@ -10,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -39,9 +41,21 @@ def log_file(run_dir: Path | None) -> Iterator[None]:
         run_dir / "train.log",
         level="INFO",
         filter=lambda record: record["extra"].get("run") == run_id,
-        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {message}",
+        format=_one_line,
     )
     try:
         yield
     finally:
         logger.remove(sink)
+
+
+def _one_line(record: Any) -> str:
+    """The format of a ``train.log`` record: one line each, whatever the message holds (line
+    breaks and an exception's traceback are folded into it), so the file reads and greps as one
+    record per line."""
+    text = record["message"]
+    if record["exception"] is not None:
+        kind, value, _ = record["exception"]
+        text += f" [{getattr(kind, '__name__', kind)}: {value}]"
+    record["extra"]["one_line"] = " | ".join(part.strip() for part in text.splitlines())
+    return "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {extra[one_line]}\n"

@@ -58,7 +58,7 @@ def test_console_metrics_logs_one_line_per_epoch_into_train_log(tmp_path: Path) 
 
 
 def test_progress_bar_shows_the_interval_loss(capsys) -> None:  # type: ignore[no-untyped-def]
-    bar = ProgressBar(leave=True)
+    bar = ProgressBar(leave=True, disable=False)  # drawn although stderr is no terminal here
     seen: list[dict] = []
     engine = Engine(
         Standard(OptimizerSpec("SGD", lr=0.05)),
