@@ -65,6 +65,7 @@ def joint_updates(
     groups: GroupChoice,
     metrics: Any,
     every: Mapping[str, int] | None = None,
+    lazy_ratios: Mapping[str, float] | None = None,
 ) -> JointUpdates:
     """The ``JointUpdates`` of a strategy's roles, checked at the strategy's construction:
     ``grad_clip_norm`` is one positive norm or ``{role: norm}`` naming only these roles."""
@@ -81,7 +82,7 @@ def joint_updates(
         if clip is not None:
             positive_number.require(f"grad_clip_norm for {role}", clip)
         specs[role] = UpdateSpec(role, fields.loss_key, fields.optimizer, fields.scheduler, clip)
-    return JointUpdates(specs, groups, tuple(metrics), dict(every or {}))
+    return JointUpdates(specs, groups, tuple(metrics), dict(every or {}), dict(lazy_ratios or {}))
 
 
 @attrs.frozen
@@ -119,6 +120,7 @@ class JointUpdates:
     groups: GroupChoice = None
     metrics: tuple[str, ...] = ()
     every: Mapping[str, int] = attrs.field(factory=dict)
+    lazy_ratios: Mapping[str, float] = attrs.field(factory=dict)
     _updates: dict[str, Update] | None = attrs.field(default=None, init=False)
     _windows: int = attrs.field(default=0, init=False)
 
@@ -154,7 +156,8 @@ class JointUpdates:
     def setup(self, model: torch.nn.Module, ctx: StepContext) -> None:
         groups = resolve_groups(model, self.roles, self.groups)
         self._updates = {
-            role: build_update(spec, groups[role], ctx.device) for role, spec in self.specs.items()
+            role: build_update(spec, groups[role], ctx.device, self.lazy_ratios.get(role, 1.0))
+            for role, spec in self.specs.items()
         }
 
     def read_losses(
@@ -178,7 +181,7 @@ class JointUpdates:
         forwards (the schedule is the same on all), so all reduce the same roles.
         """
         ran = [role for role in self.roles if role in outputs]
-        flags = [_read_flag(outputs[role], f"update_{role}", ctx) for role in ran]
+        flags = [read_flag(outputs[role], f"update_{role}", ctx) for role in ran]
         return dict(zip(ran, all_ranks_agree(flags, ctx.world)))
 
     def read(
@@ -201,8 +204,12 @@ class JointUpdates:
         """
         trained = self._train(steps, ctx)
         if ctx.is_update_step:
-            self._windows += 1
+            self.advance()
         return trained
+
+    def advance(self) -> None:
+        """Count the window that just ended."""
+        self._windows += 1
 
     def _train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
         by_role = self.by_role
@@ -285,7 +292,7 @@ def one_forward_for_all(
     return {role: outputs for role in joint.roles}
 
 
-def _read_flag(outputs: Mapping[str, Any], key: str, ctx: StepContext) -> bool:
+def read_flag(outputs: Mapping[str, Any], key: str, ctx: StepContext) -> bool:
     """A flag is absent (true), a Python bool or a one-element bool tensor (read from the
     device here)."""
     value = outputs.get(key, True)

@@ -18,7 +18,8 @@ import torch
 from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.config.validators import instance_of, optional, positive_number
 from engine.context import StepContext
-from engine.distributed.collectives import World, all_ranks_agree, average_gradients
+from engine.distributed.collectives import World, all_ranks_agree
+from engine.distributed.replication import RoleReplica, finish_window, gradient_sync
 from engine.errors import ConfigError
 
 
@@ -49,6 +50,7 @@ class Update:
     optimizer: torch.optim.Optimizer
     scheduler: Any | None
     pending: bool = False
+    replica: RoleReplica | None = None  # its DDP under several processes (replication.py)
 
     @property
     def role(self) -> str:
@@ -67,11 +69,24 @@ class Update:
 
 
 def build_update(
-    spec: UpdateSpec, params: Sequence[torch.nn.Parameter], device: torch.device
+    spec: UpdateSpec,
+    params: Sequence[torch.nn.Parameter],
+    device: torch.device,
+    lazy_ratio: float = 1.0,
 ) -> Update:
-    """Bind ``spec`` to ``params``: build its optimiser (fused where possible) and scheduler."""
+    """Bind ``spec`` to ``params``: build its optimiser (fused where possible) and scheduler.
+
+    ``lazy_ratio`` ``c < 1`` is StyleGAN2's correction for a group that also steps in lazy
+    regulariser phases: its learning rate is multiplied by ``c`` and each of its betas (Adam's)
+    raised to the power ``c``, before the scheduler reads them.
+    """
     optimizer = spec.optimizer.build(params, device)
     optimizer.zero_grad(set_to_none=True)
+    if lazy_ratio != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * lazy_ratio
+            if "betas" in group:
+                group["betas"] = tuple(beta**lazy_ratio for beta in group["betas"])
     scheduler = None if spec.scheduler is None else spec.scheduler.build(optimizer)
     return Update(spec, list(params), optimizer, scheduler)
 
@@ -126,49 +141,56 @@ def backward_isolated(
             loss = loss / ctx.micro_count
         if ctx.scaler is not None:
             loss = ctx.scaler.scale(loss)
-        if every_group and len(merged) == 1:
-            loss.backward()
-        else:
-            params = (
-                sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
-            )
-            loss.backward(inputs=params, retain_graph=index < last)
+        with gradient_sync(sharers, loss, ctx.world, ctx.is_update_step):
+            if every_group and len(merged) == 1:
+                loss.backward()
+            else:
+                params = (
+                    sharers[0].params
+                    if len(sharers) == 1
+                    else [p for u in sharers for p in u.params]
+                )
+                loss.backward(inputs=params, retain_graph=index < last)
         for update in sharers:
             update.pending = True
 
 
 def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
-    """At the end of an accumulation window, step every group that received gradients.
-
-    Order per group: average gradients over ranks, unscale (fp16), clip, step, zero, then its
-    per-step scheduler; the GradScaler is updated once, after all groups.
-    """
+    """At the end of an accumulation window, step every group that received gradients
+    (``step_update``); the GradScaler is updated once, after all groups."""
     if not ctx.is_update_step:
         return
+    stepped = [step_update(update, ctx) for update in updates]
+    if ctx.scaler is not None and any(stepped):
+        ctx.scaler.update()
+
+
+def step_update(update: Update, ctx: StepContext) -> bool:
+    """Step one group if a backward wrote its gradients since its last step.
+
+    Order: average gradients over ranks, unscale (fp16), clip, step, zero, then its per-step
+    scheduler. Returns whether it stepped; the caller updates the GradScaler after its steps.
+    """
+    if not update.pending:
+        return False
+    update.pending = False
     scaler = ctx.scaler
-    stepped = False
-    for update in updates:
-        if not update.pending:
-            continue
-        update.pending = False
-        average_gradients(update.params, ctx.world)
-        clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
-        if scaler is not None:
-            if all(param.grad is None for param in update.params):
-                continue  # its loss reached none of its parameters: nothing to unscale or step
-            scaler.unscale_(update.optimizer)
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(update.params, clip, foreach=True)
-        if scaler is not None:
-            scaler.step(update.optimizer)
-        else:
-            update.optimizer.step()
-        update.optimizer.zero_grad(set_to_none=True)
-        if update.scheduler is not None and update.spec.scheduler.interval == "step":  # type: ignore[union-attr]
-            update.scheduler.step()
-        stepped = True
-    if scaler is not None and stepped:
-        scaler.update()
+    finish_window(update, ctx.world)
+    clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
+    if scaler is not None:
+        if all(param.grad is None for param in update.params):
+            return False  # its loss reached none of its parameters: nothing to unscale or step
+        scaler.unscale_(update.optimizer)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(update.params, clip, foreach=True)
+    if scaler is not None:
+        scaler.step(update.optimizer)
+    else:
+        update.optimizer.step()
+    update.optimizer.zero_grad(set_to_none=True)
+    if update.scheduler is not None and update.spec.scheduler.interval == "step":  # type: ignore[union-attr]
+        update.scheduler.step()
+    return True
 
 
 def end_epoch_schedulers(updates: Sequence[Update], metrics: Mapping[str, float]) -> None:

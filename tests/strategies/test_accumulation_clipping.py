@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.config.specs import OptimizerSpec
-from tests.strategies.builders import KINDS, build, role_names
+from tests.strategies.builders import ALL_KINDS, KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx, own_gradients, params_of
 
 
 @settings(max_examples=25, deadline=None)
 @given(
-    kind=st.sampled_from(KINDS),
+    kind=st.sampled_from(ALL_KINDS),
     k=st.integers(1, 4),
     micro=st.integers(1, 4),
     optimizer=st.sampled_from(["SGD", "Adam"]),

@@ -44,7 +44,7 @@ def test_each_group_moves_by_minus_lr_times_its_own_gradient(
     data = {"data": torch.randn(batch, features, dtype=torch.float64)}
     roles = role_names(kind)
     specs = {role: OptimizerSpec("SGD", lr=lr) for role, lr in zip(roles, lrs)}
-    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase") else {}
+    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase", "sequential") else {}
     case = build(kind, model, specs, **options)
     for role, index in zip(roles, flags):
         if FLAG_VALUES[index] is not None:

@@ -16,7 +16,7 @@ from engine import Engine, EngineConfig
 from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.errors import NonFiniteLossError
 from engine.events import Event
-from tests.strategies.builders import KINDS, build, role_names
+from tests.strategies.builders import ALL_KINDS, KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx
 
 DATA = {"data": torch.randn(24, 3, generator=torch.Generator().manual_seed(0))}
@@ -27,17 +27,22 @@ def _fit(case: Any, epochs: int = 2, eval: Any = None, **config: Any) -> Any:
     return Engine(case.strategy, EngineConfig(**config)).fit(case.model, DATA, eval)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_metrics_per_loss_key_and_learning_rate_per_group(kind: str) -> None:
     roles = role_names(kind)
     specs = {role: OptimizerSpec("Adam", lr=1e-3 * (i + 1)) for i, role in enumerate(roles)}
-    case = build(kind, CoupledToy(), specs, metrics=() if kind == "two_phase" else ("recon_loss",))
+    case = build(
+        kind,
+        CoupledToy(),
+        specs,
+        metrics=() if kind in ("two_phase", "sequential") else ("recon_loss",),
+    )
     last = _fit(case, eval=DATA).history[-1]
     for loss_key, _, _ in case.roles.values():
         assert math.isfinite(last[f"train/{loss_key}"]) and math.isfinite(last[f"eval/{loss_key}"])
     for i, role in enumerate(roles):
         assert last[f"lr/{role}"] == pytest.approx(1e-3 * (i + 1))
-    if kind != "two_phase":
+    if kind not in ("two_phase", "sequential"):
         assert "train/recon_loss" in last
 
 
@@ -64,7 +69,7 @@ def test_schedulers_step_per_group_per_step_per_epoch_and_on_plateau() -> None:
     assert case.strategy.learning_rates()["lr/discriminator"] == 0.5
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_every_strategy_trains_under_mixed_precision(kind: str, precision: str) -> None:
     specs = {role: OptimizerSpec("Adam", lr=1e-2) for role in role_names(kind)}
@@ -118,14 +123,14 @@ def test_a_non_finite_loss_skips_the_whole_step_or_raises(kind: str) -> None:
 
 
 @settings(max_examples=10, deadline=None)
-@given(kind=st.sampled_from(KINDS), stop=st.integers(1, 5), n_critic=st.integers(1, 3))
+@given(kind=st.sampled_from(ALL_KINDS), stop=st.integers(1, 5), n_critic=st.integers(1, 3))
 def test_continuing_from_a_state_dict_is_bitwise_identical(
     kind: str, stop: int, n_critic: int
 ) -> None:
     torch.manual_seed(0)
     batches = [{"data": torch.randn(4, 3)} for _ in range(6)]
     specs = {role: OptimizerSpec("Adam", lr=1e-2) for role in role_names(kind)}
-    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase") else {}
+    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase", "sequential") else {}
     straight = build(kind, CoupledToy(), specs, **options)
     resumed = build(kind, copy.deepcopy(straight.model), specs, **options)
     straight.strategy.setup(straight.model, make_ctx())

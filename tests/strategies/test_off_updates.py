@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.config.specs import OptimizerSpec
-from tests.strategies.builders import KINDS, build, role_names
+from tests.strategies.builders import ALL_KINDS, build, role_names
 from tests.strategies.toy import CoupledToy, make_ctx
 
 
@@ -38,7 +38,7 @@ def _assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    kind=st.sampled_from(KINDS),
+    kind=st.sampled_from(ALL_KINDS),
     schedule=st.lists(
         st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
         min_size=1,
@@ -57,7 +57,7 @@ def test_an_update_that_is_off_for_a_whole_window_does_not_move_or_advance(
     model = CoupledToy()
     roles = role_names(kind)
     specs = {role: OptimizerSpec("Adam", lr=0.05) for role in roles}
-    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase") else {}
+    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase", "sequential") else {}
     case = build(kind, model, specs, **options)
     case.strategy.setup(model, make_ctx())
     steps = {role: 0 for role in roles}
