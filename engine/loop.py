@@ -150,22 +150,14 @@ class Engine:
         self.strategy.setup(model, ctx)
         train_batches = make_train_batches(train, config, ctx)
         eval_batches = None if eval is None else make_eval_batches(eval, config, ctx)
+        notes: tuple[str, ...] = ()
         if checkpoint is not None:
-            restore_training(checkpoint, model, self.strategy, ctx, self.callbacks, config)
+            notes = restore_training(checkpoint, model, self.strategy, ctx, self.callbacks, config)
         resumed_dir = None if checkpoint is None else checkpoint.run_dir
-        checked = preflight(
-            self.strategy,
-            self.callbacks,
-            model,
-            ctx,
-            config,
-            train_batches,
-            eval is not None,
-            resumed_dir,
-        )
+        checked = preflight(self, model, ctx, train_batches, eval is not None, resumed_dir)
         run = open_run(self, model, ctx, train_batches, checked.monitor, checkpoint)
         self._stop_requested = False
-        return PreparedRun(run, ctx, train_batches, eval_batches, checked.warnings)
+        return PreparedRun(run, ctx, train_batches, eval_batches, checked.warnings, notes)
 
     def _train(self, prepared: PreparedRun, model: torch.nn.Module) -> None:
         """FIT_START, the epochs, FIT_END; EXCEPTION on any error before it propagates."""
@@ -176,6 +168,8 @@ class Engine:
             try:
                 if run.is_main_process:
                     run.log.info(describe_start(model, config, run))
+                    for note in prepared.notes:
+                        run.log.info(note)
                     for warning in prepared.warnings:
                         run.log.warning(warning)
                 self.bus.fire(Event.FIT_START, run)

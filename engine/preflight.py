@@ -58,6 +58,7 @@ from engine.evaluation import _eval_step, _inference
 
 if TYPE_CHECKING:
     from engine.config.engine_config import EngineConfig
+    from engine.loop import Engine
     from engine.protocols import StepStrategy
 
 ACCUMULATION = "accumulation"
@@ -88,16 +89,16 @@ class Checked:
 
 
 def preflight(
-    strategy: StepStrategy,
-    callbacks: Iterable[Any],
+    engine: Engine,
     model: torch.nn.Module,
     ctx: StepContext,
-    config: EngineConfig,
     train_batches: Batches,
     has_eval: bool,
     run_dir: Path | None = None,
 ) -> Checked:
-    """Run every check above; ``run_dir`` is the resumed run's folder (None for a new run)."""
+    """Run every check above for ``engine``'s strategy, callbacks and config; ``run_dir`` is
+    the resumed run's folder (None for a new run)."""
+    strategy, callbacks, config = engine.strategy, engine.callbacks, engine.config
     if ctx.world.is_main:
         check_output_dir(config.output_dir, run_dir)
     check_schedulers(strategy)

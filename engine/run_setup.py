@@ -55,13 +55,15 @@ __all__ = [
 
 @attrs.define(eq=False)
 class PreparedRun:
-    """A run ready for its first step: what handlers see, and the data to loop over."""
+    """A run ready for its first step: what handlers see, the data to loop over, and what
+    ``train.log`` should say before the first step (``warnings``, and ``notes`` at INFO)."""
 
     run: RunState
     context: StepContext
     train_batches: Batches
     eval_batches: Batches | None
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def read_resume(resume: Any, config: EngineConfig) -> LoadedCheckpoint | None:

@@ -3,15 +3,24 @@
 ``capture`` takes the model's ``state_dict``, the strategy's state (optimisers, schedulers,
 counters), the GradScaler, ``Progress``, the metric buffer of the current epoch, every RNG
 stream, each stateful callback's ``state_dict()``, the run's history and best value, and the
-config. ``restore_training`` checks a loaded checkpoint against this run (config fields that
-decide the data order, model shapes, strategy and its roles) before it changes anything, then
-loads it; ``restore_run`` puts back what lives on the ``RunState``.
+config; its meta record also names each role's optimiser spec (class and arguments, read with
+``role_specs``). ``restore_training`` checks a loaded checkpoint against this run (config fields
+that decide the data order, model shapes, strategy and its roles, each role's optimiser class and
+parameter groups) before it changes anything, then loads it; ``restore_run`` puts back what lives
+on the ``RunState``.
+
+Hyperparameters changed on resume: an optimiser argument whose value in this run's spec differs
+from the spec the checkpoint was saved with (``lr``, ``weight_decay``, ``betas``...) is applied
+to every parameter group of the restored optimiser, and logged; every other value (a learning
+rate a scheduler has moved, the moments) stays as saved, so an unchanged config resumes
+exactly. Another optimiser class for a role is refused (``CheckpointError``).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +28,7 @@ import torch
 from loguru import logger
 
 from engine.checkpoint.format import LoadedCheckpoint
+from engine.config.specs import role_specs
 from engine.errors import CheckpointError
 from engine.seeding import rng_states, seed_everything, set_rng_states
 
@@ -106,6 +116,7 @@ def capture(
         "progress": run.progress.state_dict(),
         "world_size": 1 if ctx is None else ctx.world.world_size,
         "strategy": type(run.strategy).__name__,
+        "optimizers": optimizer_specs(run.strategy),
         "model": type(run.model).__name__,
         "monitor": {"name": run.monitor, "value": monitor_value, "mode": run.config.monitor_mode},
         "saved_at_ns": time.time_ns(),
@@ -113,6 +124,19 @@ def capture(
         "torch": torch.__version__,
     }
     return model_state, training, meta
+
+
+def optimizer_specs(strategy: Any) -> dict[str, dict[str, Any]]:
+    """Each role's optimiser spec as plain JSON values: ``{role: {"name", "params"}}``."""
+    return {
+        role: {"name": spec.name, "params": _plain(dict(spec.params))}
+        for role, (spec, _) in role_specs(strategy).items()
+    }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON reads it back (tuples as lists), so saved and new specs compare."""
+    return json.loads(json.dumps(value, default=str))
 
 
 # ------------------------------------------------------------------ checks before loading
@@ -207,6 +231,140 @@ def _check_strategy(checkpoint: LoadedCheckpoint, strategy: StepStrategy) -> Non
         )
 
 
+def optimizer_states(
+    state: Any, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every optimiser ``state_dict`` (a mapping with ``state`` and ``param_groups``) inside a
+    strategy's state, with its path of keys (e.g. ``("updates", "generator", "optimizer")``)."""
+    if not isinstance(state, Mapping):
+        return
+    if set(state) == {"state", "param_groups"}:
+        yield path, state
+        return
+    for key, value in state.items():
+        yield from optimizer_states(value, (*path, str(key)))
+
+
+def _check_optimizers(checkpoint: LoadedCheckpoint, strategy: StepStrategy) -> None:
+    """Each role's optimiser: the same class as saved (where the checkpoint names it), and the
+    same parameter groups (count, parameters per group, hyperparameter names)."""
+    saved_specs = checkpoint.meta.get("optimizers") or {}
+    for role, (spec, _) in role_specs(strategy).items():
+        saved = saved_specs.get(role, {}).get("name")
+        if saved is not None and saved != spec.name:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path}: role {role!r} was trained with optimiser "
+                f"{saved}; this run gives it {spec.name}. Its saved state (moments, step counts) "
+                f"does not fit another class: resume with {saved}, or start a new run"
+            )
+    saved_states = dict(optimizer_states(checkpoint.training_state.get("strategy")))
+    for path, current in optimizer_states(strategy.state_dict()):
+        if path in saved_states:
+            _check_groups(checkpoint, ".".join(path), saved_states[path], current)
+
+
+def _check_groups(checkpoint: LoadedCheckpoint, where: str, saved: Any, current: Any) -> None:
+    saved_groups, groups = saved["param_groups"], current["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: optimiser {where} has {len(saved_groups)} parameter "
+            f"group(s) there, {len(groups)} in this run"
+        )
+    for index, (old, new) in enumerate(zip(saved_groups, groups)):
+        if len(old["params"]) != len(new["params"]):
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path}: parameter group {index} of optimiser {where} "
+                f"holds {len(old['params'])} parameters there, {len(new['params'])} in this run"
+            )
+        old_keys, new_keys = set(old) - {"params"}, set(new) - {"params"}
+        if old_keys != new_keys:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path}: optimiser {where} was saved with "
+                f"hyperparameters {sorted(old_keys)}, this run's has {sorted(new_keys)}: "
+                "another optimiser class"
+            )
+
+
+def changed_hyperparameters(
+    checkpoint: LoadedCheckpoint, strategy: Any
+) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Per role, the optimiser arguments whose value in this run's spec differs from the spec
+    the checkpoint was saved with: ``{role: {name: (saved, new)}}`` (a removed argument goes
+    back to the class's default and is not listed)."""
+    saved_specs = checkpoint.meta.get("optimizers") or {}
+    changed: dict[str, dict[str, tuple[Any, Any]]] = {}
+    for role, (spec, _) in role_specs(strategy).items():
+        saved = saved_specs.get(role)
+        if saved is None or saved.get("name") != spec.name:
+            continue
+        new = _plain(dict(spec.params))
+        old = saved.get("params", {})
+        differ = {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
+        if differ:
+            changed[role] = differ
+    return changed
+
+
+def _apply_hyperparameters(
+    checkpoint: LoadedCheckpoint, strategy: Any, state: Mapping[str, Any]
+) -> tuple[Mapping[str, Any], list[str]]:
+    """``state`` (the saved strategy state) with each changed argument set in every parameter
+    group of its role's optimiser (the optimiser under a path that names the role); a changed
+    ``lr`` also becomes the base learning rate of the scheduler beside it. With a line per role
+    for ``train.log``."""
+    changed = changed_hyperparameters(checkpoint, strategy)
+    notes: list[str] = []
+    if not changed:
+        return state, notes
+    patched = _copy_tree(state)
+    for path, optimizer in list(optimizer_states(patched)):
+        role = next((role for role in changed if role in path), None)
+        if role is None:
+            continue
+        values = {key: new for key, (_, new) in changed[role].items()}
+        for group in optimizer["param_groups"]:
+            _set_group(group, values)
+        if "lr" in values:
+            _rebase_scheduler(_parent(patched, path), values["lr"])
+        text = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed[role].items())
+        notes.append(
+            f"resume: role {role!r} optimiser arguments changed in the config: {text}; "
+            "applied to the restored optimiser"
+        )
+    return patched, notes
+
+
+def _set_group(group: dict[str, Any], values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        if key in group:
+            group[key] = tuple(value) if isinstance(group[key], tuple) else value
+    if "lr" in values and "initial_lr" in group:
+        group["initial_lr"] = values["lr"]
+
+
+def _parent(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for key in path[:-1]:
+        node = node[key]
+    return node
+
+
+def _rebase_scheduler(parent: Any, lr: Any) -> None:
+    """The schedule continues at its position from the new base learning rate."""
+    scheduler = parent.get("scheduler") if isinstance(parent, Mapping) else None
+    if isinstance(scheduler, dict) and isinstance(scheduler.get("base_lrs"), list):
+        scheduler["base_lrs"] = [lr] * len(scheduler["base_lrs"])
+
+
+def _copy_tree(value: Any) -> Any:
+    """Mappings and lists copied (tensors shared): the loaded checkpoint stays as read."""
+    if isinstance(value, Mapping):
+        return {key: _copy_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_tree(item) for item in value]
+    return value
+
+
 def _required(checkpoint: LoadedCheckpoint, key: str) -> Any:
     state = checkpoint.training_state
     if key not in state:
@@ -227,12 +385,14 @@ def restore_training(
     ctx: StepContext,
     callbacks: Iterable[Any],
     config: EngineConfig,
-) -> None:
-    """Check ``checkpoint`` against this run, then load model, strategy, scaler, progress and
-    callback states. Nothing is changed when a check fails."""
+) -> tuple[str, ...]:
+    """Check ``checkpoint`` against this run, then load model, strategy (with the optimiser
+    arguments this run changed applied), scaler, progress and callback states. Nothing is
+    changed when a check fails. Returns lines for ``train.log`` (the arguments applied)."""
     _check_same_run(checkpoint, config, ctx.world)
     _check_model(checkpoint, model)
     _check_strategy(checkpoint, strategy)
+    _check_optimizers(checkpoint, strategy)
     for key in ("progress", "rng", "run", "callbacks", "scaler", "metric_buffer"):
         _required(checkpoint, key)
     scaler_state = checkpoint.training_state["scaler"]
@@ -243,13 +403,7 @@ def restore_training(
             f"({'no ' if scaler_state is None else ''}GradScaler); this run has precision "
             f"{config.precision!r}"
         )
-    try:
-        strategy.load_state_dict(checkpoint.training_state["strategy"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(
-            f"checkpoint {checkpoint.path}: the strategy state does not fit this "
-            f"{type(strategy).__name__} strategy ({type(error).__name__}: {error})"
-        ) from error
+    notes = _load_strategy(checkpoint, strategy)
     with torch.no_grad():
         model.load_state_dict(checkpoint.model_state)
     if ctx.scaler is not None:
@@ -260,19 +414,38 @@ def restore_training(
         raise CheckpointError(
             f"checkpoint {checkpoint.path}: malformed progress ({type(error).__name__}: {error})"
         ) from error
+    _load_callbacks(checkpoint, callbacks)
+    return tuple(notes)
+
+
+def _load_strategy(checkpoint: LoadedCheckpoint, strategy: StepStrategy) -> list[str]:
+    saved = checkpoint.training_state["strategy"]
+    state, notes = _apply_hyperparameters(checkpoint, strategy, saved)
+    try:
+        strategy.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path}: the strategy state does not fit this "
+            f"{type(strategy).__name__} strategy ({type(error).__name__}: {error})"
+        ) from error
+    return notes
+
+
+def _load_callbacks(checkpoint: LoadedCheckpoint, callbacks: Iterable[Any]) -> None:
+    """Each stateful callback's saved state; one missing on either side is a warning."""
     saved_callbacks = checkpoint.training_state["callbacks"]
     current = stateful_callbacks(callbacks)
     for key, callback in current.items():
-        if key in saved_callbacks:
-            try:
-                callback.load_state_dict(saved_callbacks[key])
-            except (KeyError, TypeError, ValueError) as error:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint.path}: the state of callback {key} does not load "
-                    f"({type(error).__name__}: {error})"
-                ) from error
-        else:
+        if key not in saved_callbacks:
             logger.warning(f"checkpoint {checkpoint.path} has no state for callback {key}")
+            continue
+        try:
+            callback.load_state_dict(saved_callbacks[key])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path}: the state of callback {key} does not load "
+                f"({type(error).__name__}: {error})"
+            ) from error
     for key in sorted(set(saved_callbacks) - set(current)):
         logger.warning(f"checkpoint {checkpoint.path} holds state of callback {key}, not in run")
 
