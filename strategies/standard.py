@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import torch
 
 from engine.config.specs import OptimizerSpec, SchedulerSpec
+from engine.config.validators import non_empty_str, output_names
 from engine.context import StepContext
-from engine.errors import StrategyError
+from engine.errors import ModelOutputError, StrategyError
+from engine.preflight import SUPPORTS_ALL
 from strategies.update import (
     Update,
     UpdateSpec,
@@ -34,9 +36,10 @@ class Standard:
 
     optimizer: OptimizerSpec
     scheduler: SchedulerSpec | None = None
-    loss_key: str = "loss"
+    loss_key: str = attrs.field(default="loss", validator=non_empty_str)
     grad_clip_norm: float | None = None
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = attrs.field(default=(), validator=output_names)
+    supports: ClassVar[frozenset[str]] = SUPPORTS_ALL  # accumulation and clipping: apply_updates
     _update: Update | None = attrs.field(default=None, init=False)
     _spec: UpdateSpec = attrs.field(init=False)
 
@@ -70,6 +73,11 @@ class Standard:
         loss = ctx.read_loss(outputs, self.loss_key)
         if ctx.nonfinite == "skip" and not losses_are_finite([loss], ctx.world):
             return skip_step([update], ctx)
+        if not loss.requires_grad:
+            raise ModelOutputError(
+                f"loss {self.loss_key!r} does not depend on any trainable parameter (it has no "
+                f"grad_fn) at step {ctx.progress.step}"
+            )
         backward_isolated([(update, loss)], ctx, every_group=True)
         apply_updates([update], ctx)
         return self._metrics(outputs, loss, ctx)

@@ -111,6 +111,11 @@ finite_non_negative_number = Check(
 non_empty_str = Check("a non-empty string", lambda v: isinstance(v, str) and bool(v))
 metric_name = Check("a metric name such as 'eval/loss'", lambda v: isinstance(v, str) and bool(v))
 plain_folder_name = Check("a plain folder name", _is_folder_name)
+# A strategy's ``metrics``: names of further model outputs (a string would be read as letters).
+output_names = Check(
+    "a tuple of output names (e.g. ('reconstruction_loss', 'reg_loss'))",
+    lambda v: isinstance(v, (tuple, list)) and all(isinstance(k, str) and k for k in v),
+)
 device_name = Check(
     "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'",
     lambda v: isinstance(v, str) and _DEVICE_PATTERN.fullmatch(v) is not None,
