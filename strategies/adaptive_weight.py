@@ -35,10 +35,11 @@ def adaptive_weight(
     eps: float = 1e-4,
 ) -> torch.Tensor:
     """``clamp(|grad rec| / (|grad adv| + eps), 0, max_weight)`` at ``last_layer``, detached
-    (an fp32 scalar on the layer's device)."""
+    (an fp32 scalar, fp64 for an fp64 layer, on the layer's device)."""
     finite_non_negative_number.require("max_weight", max_weight)
     positive_number.require("eps", eps)
-    zero = torch.zeros((), dtype=torch.float32, device=last_layer.device)
+    dtype = torch.promote_types(last_layer.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=last_layer.device)
     if not (torch.is_grad_enabled() and reconstruction.requires_grad and adversarial.requires_grad):
         return zero
     rec = _gradient_norm(reconstruction, last_layer, "reconstruction")
@@ -55,4 +56,5 @@ def _gradient_norm(loss: torch.Tensor, layer: torch.Tensor, name: str) -> torch.
             f"adaptive_weight: the {name} loss does not depend on last_layer (a tensor of shape "
             f"{tuple(layer.shape)}); pass the weight of the decoder's last layer"
         )
-    return torch.linalg.vector_norm(grad.detach().float())
+    grad = grad.detach()
+    return torch.linalg.vector_norm(grad.to(torch.promote_types(grad.dtype, torch.float32)))

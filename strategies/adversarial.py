@@ -181,9 +181,10 @@ class Adversarial:
     @property
     def loss_keys(self) -> tuple[str, ...]:
         """The generator's loss first; in two-phase mode the discriminator's, which every
-        window reports (an epoch shorter than ``n_critic`` windows has no generator loss)."""
+        window reports (an epoch shorter than ``n_critic`` windows has no generator loss),
+        unless ``disc_start`` holds the discriminator back."""
         first, second = self.generator_loss_key, self.discriminator_loss_key
-        if self.two_phase:
+        if self.two_phase and self.disc_start == 0:
             first, second = second, first
         return tuple(dict.fromkeys((first, second)))
 

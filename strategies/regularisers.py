@@ -63,7 +63,8 @@ class GradientPenalty:
             )
 
     def penalty(self, outputs: Mapping[str, Any], ctx: StepContext, where: str) -> torch.Tensor:
-        """The penalty (fp32 scalar), differentiable with respect to the discriminator."""
+        """The penalty (an fp32 or fp64 scalar), differentiable with respect to the
+        discriminator."""
         self.check(outputs, where)
         grad = input_gradient(outputs[self.scores], outputs[self.inputs], ctx)
         if grad is None:
@@ -82,10 +83,10 @@ class GradientPenalty:
 def input_gradient(
     scores: torch.Tensor, inputs: torch.Tensor, ctx: StepContext
 ) -> torch.Tensor | None:
-    """``d scores.sum() / d inputs`` in fp32, with the graph kept for a second backward; taken
+    """``d scores.sum() / d inputs`` in (at least) fp32, the graph kept for a second backward; taken
     of the scaled sum under a GradScaler and unscaled after. None when ``scores`` does not
     depend on ``inputs``."""
-    total = scores.float().sum()
+    total = _at_least_fp32(scores).sum()
     scale = None
     if ctx.scaler is not None:
         scale = ctx.scaler.scale(torch.ones((), device=total.device))
@@ -93,8 +94,13 @@ def input_gradient(
     (grad,) = torch.autograd.grad(total, [inputs], create_graph=True, allow_unused=True)
     if grad is None:
         return None
-    grad = grad.float()
+    grad = _at_least_fp32(grad)
     return grad if scale is None else grad / scale
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half precision in fp32; fp32 and fp64 as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def r1(gamma: float, inputs: str = "real", scores: str = "real_scores") -> GradientPenalty:
