@@ -154,9 +154,35 @@ def write_checkpoint(
     stamp = f"{os.getpid()}-{time.time_ns()}"
     first = directory / f"{STAGING_PREFIX}{names[0]}-{stamp}"
     first.mkdir()
+    written = _stage(first, model_state, training_state, meta)
+    stagings = [first]
+    for name in names[1:]:
+        staging = directory / f"{STAGING_PREFIX}{name}-{stamp}"
+        _link_folder(first, staging)
+        stagings.append(staging)
+    if durable:
+        fsync_all([first / name for name in written] + stagings)
+    replaced = [_install(staging, directory / name) for name, staging in zip(names, stagings)]
+    if durable:
+        fsync_dir(directory)
+    for old in replaced:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    remove_stale_folders(directory)
+    return [directory / name for name in names]
+
+
+def _stage(
+    folder: Path,
+    model_state: Mapping[str, torch.Tensor],
+    training_state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> list[str]:
+    """Write the three files of a checkpoint into ``folder``, then its ``COMPLETE`` marker
+    (their sizes and hashes); the names written, marker last (nothing fsynced yet)."""
 
     def save_file(name: str, write: Callable[[Path], None]) -> FileRecord:
-        return write_atomically(first / name, write, sync_file=False, sync_folder=False)
+        return write_atomically(folder / name, write, sync_file=False, sync_folder=False)
 
     meta_text = json.dumps({"format": FORMAT_VERSION, **meta}, indent=2, default=str)
     records = {
@@ -172,21 +198,7 @@ def write_checkpoint(
     }
     marker_text = json.dumps(marker, indent=2).encode("utf-8")
     save_file(MARKER, lambda to: _write_bytes(to, marker_text))
-    stagings = [first]
-    for name in names[1:]:
-        staging = directory / f"{STAGING_PREFIX}{name}-{stamp}"
-        _link_folder(first, staging)
-        stagings.append(staging)
-    if durable:
-        fsync_all([first / name for name in (*records, MARKER)] + stagings)
-    replaced = [_install(staging, directory / name) for name, staging in zip(names, stagings)]
-    if durable:
-        fsync_dir(directory)
-    for old in replaced:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    remove_stale_folders(directory)
-    return [directory / name for name in names]
+    return [*records, MARKER]
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

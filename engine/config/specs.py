@@ -88,6 +88,9 @@ def _check_keywords(kind: str, target: Any, params: Mapping[str, Any], skip: int
             raise ConfigError(
                 f"{kind} {name!r} takes no argument(s) {unknown}; it takes {sorted(names)}"
             )
+    for parameter in accepted:
+        if parameter.name in params:
+            _check_type(kind, name, parameter.name, params[parameter.name], parameter.default)
     required = [
         p.name
         for p in accepted
@@ -99,6 +102,51 @@ def _check_keywords(kind: str, target: Any, params: Mapping[str, Any], skip: int
         raise ConfigError(
             f"{kind} {name!r} needs argument(s) {required}; got {_call_text(name, params)}"
         )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the kind of ``default``: a bool for a bool; a number (a tensor, or
+    one per parameter group) for a number; a sequence as long, of numbers, for a tuple; a
+    string for a string. Anything goes where the default is None or of another kind."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if _is_number(default):
+        if isinstance(value, (list, tuple)):
+            return bool(value) and all(_is_number(item) for item in value)
+        return _is_number(value) or isinstance(value, torch.Tensor)
+    if isinstance(default, tuple):
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(default)
+            and all(_is_number(v) or (v is None and d is None) for v, d in zip(value, default))
+        )
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def _check_type(kind: str, name: Any, key: str, value: Any, default: Any) -> None:
+    """Refuse an argument of another kind than its default (``lr="1e-2"``, ``betas=0.9``,
+    ``amsgrad="yes"``), which torch would take, or refuse only with a bare TypeError."""
+    if default is inspect.Parameter.empty or _fits_default(value, default):
+        return
+    hint = ""
+    if isinstance(value, str) and _is_number_text(value):
+        hint = f" (a string: write the number without quotes, {key} = {value})"
+    if isinstance(default, bool):
+        what = "true or false"
+    elif isinstance(default, tuple):
+        what = f"{len(default)} numbers"
+    else:
+        what = "a number" if _is_number(default) else "a string"
+    raise ConfigError(
+        f"{kind} {name}: argument {key}={value!r} must be {what} like its default "
+        f"{default!r}{hint}"
+    )
 
 
 def _call_text(name: Any, params: Mapping[str, Any]) -> str:
