@@ -22,7 +22,14 @@ from callbacks import Checkpointing
 from engine import ConfigError, OptimizerSpec, SchedulerSpec
 from strategies import Adversarial, Coupled, CoupledAdversarial, Standard
 from strategies.pythae import SharedGraphUpdates, check_pythae_version, from_pythae, mapping
-from tests.compat.pythae_zoo import digits, make_data, make_model, training_config, zoo
+from tests.compat.pythae_zoo import (
+    digits,
+    float_state,
+    make_data,
+    make_model,
+    training_config,
+    zoo,
+)
 
 CONFIG_CLASSES = [
     trainers.BaseTrainerConfig,
@@ -244,3 +251,26 @@ def test_flows_train_inside_nf_model_and_made_not_at_all() -> None:
     for model in (made, NFModel(prior, made)):
         with pytest.raises(ConfigError, match="pythae can not train MADE"):
             from_pythae(model, None, make_data("MAF", 8))
+
+
+def test_arrays_tensors_and_pythae_datasets_are_taken_as_pythaes_pipeline_takes_them() -> None:
+    """An array trains exactly as the tensor it holds; a pythae ``BaseDataset`` goes through a
+    DataLoader (whose iterator draws a seed from the global RNG each epoch, so its random draws
+    differ) and trains on the same batches."""
+    from pythae.data.preprocessors import DataProcessor
+
+    images = digits(40)
+    processor = DataProcessor()
+    dataset = processor.to_dataset(processor.process_data(images))
+    results = []
+    for data in (images, images.numpy(), dataset):
+        model = make_model("VAE")
+        run = from_pythae(model, None, data, overrides={"output_dir": None, "epochs": 3})
+        assert run.forward.train_size == 40
+        history = run.fit().history
+        assert history[-1]["train/loss"] < history[0]["train/loss"]
+        results.append((history[-1]["train/loss"], float_state(model)))
+    loss, state = results[1]
+    assert loss == results[0][0]
+    for key, value in state.items():
+        assert torch.equal(value, results[0][1][key]), key
