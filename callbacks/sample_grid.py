@@ -44,7 +44,6 @@ from callbacks.plots import as_images
 from engine.config.validators import (
     is_bool,
     non_empty_str,
-    optional,
     plain_folder_name,
     positive_int,
 )
@@ -95,15 +94,16 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @attrs.define(eq=False)
 class SampleGrid:
-    """``SampleGrid(num_samples=16, columns=8, method="sample", reconstructions=False,
+    """``SampleGrid(num_samples=16, columns=8, samples=True, method="sample", reconstructions=False,
     ema=None, every=1, ...)``: see the module docstring. ``ema=None`` shows the EMA column
-    when the run has an ``EMA`` callback; ``method=None`` shows no samples (an autoencoder
+    when the run has an ``EMA`` callback; ``samples=False`` shows no samples (an autoencoder
     without a prior)."""
 
     image_batch: Any = None
     num_samples: int = attrs.field(default=16, validator=positive_int)
     columns: int = attrs.field(default=8, validator=positive_int)
-    method: str | None = attrs.field(default="sample", validator=optional(non_empty_str))
+    samples: bool = attrs.field(default=True, validator=is_bool)
+    method: str = attrs.field(default="sample", validator=non_empty_str)
     noise_shape: tuple[int, ...] | None = attrs.field(default=None, validator=check_noise_shape)
     reconstructions: bool = attrs.field(default=False, validator=is_bool)
     recon_key: str = attrs.field(default="recon_x", validator=non_empty_str)
@@ -122,10 +122,10 @@ class SampleGrid:
 
     def __attrs_post_init__(self) -> None:
         require_extra("matplotlib", "plots", "SampleGrid")
-        if self.method is None and not self.reconstructions:
+        if not self.samples and not self.reconstructions:
             raise ConfigError(
-                "SampleGrid shows nothing with method=None and reconstructions=False: name the "
-                "model's sampler (method='sample') or set reconstructions=True"
+                "SampleGrid shows nothing with samples=False and reconstructions=False: set "
+                "samples=True (the model's sampler is method='sample') or reconstructions=True"
             )
         if self.reconstructions:
             if self.image_batch is None:
@@ -139,7 +139,7 @@ class SampleGrid:
 
     def on_fit_start(self, run: RunState) -> None:
         self._emas = find_emas(run, self.ema, "SampleGrid")
-        if self.method is not None:
+        if self.samples:
             resolve_method(run.model, self.method)
             if self.noise is None:
                 shape = noise_shape_of(run.model, self.noise_shape)
@@ -204,7 +204,7 @@ class SampleGrid:
             rows["reconstructions"] = ((as_images(recon, like=inputs) - low) / (high - low)).clamp(
                 0, 1
             )
-        if self.method is not None and self.noise is not None:
+        if self.samples and self.noise is not None:
             sample = resolve_method(run.model, self.method)
             values = sample(self.noise.to(device))
             if not isinstance(values, torch.Tensor):

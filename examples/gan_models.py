@@ -9,7 +9,6 @@ autoencoder), and ``phase=None`` returns everything (evaluation, pictures). The 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -161,23 +160,30 @@ class DCGAN(nn.Module):
 
 class VectorQuantizer(nn.Module):
     """Nearest-codebook quantisation with a straight-through gradient (van den Oord et al.
-    2017): ``codebook_loss`` = |sg(z) - e|^2 + ``commitment`` * |z - sg(e)|^2."""
+    2017): ``codebook_loss`` = |sg(z) - e|^2 + ``commitment`` * |z - sg(e)|^2. With
+    ``normalize`` the latents and the codes are compared on the unit sphere (l2-normalised, as
+    in Yu et al. 2022's ViT-VQGAN), which keeps every code in use on small data."""
 
-    def __init__(self, codebook_size: int, code_dim: int, commitment: float) -> None:
+    def __init__(
+        self, codebook_size: int, code_dim: int, commitment: float, normalize: bool = True
+    ) -> None:
         super().__init__()
         self.commitment = commitment
+        self.normalize = normalize
         self.codebook = nn.Embedding(codebook_size, code_dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         codes = self.codebook.weight
+        if self.normalize:
+            z, codes = F.normalize(z, dim=1), F.normalize(codes, dim=1)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         distances = (
             flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]
         )
         index = distances.argmin(1)
-        quantized = self.codebook(index).view(n, h, w, d).permute(0, 3, 1, 2)
+        quantized = codes[index].view(n, h, w, d).permute(0, 3, 1, 2)
         loss = F.mse_loss(quantized, z.detach()) + self.commitment * F.mse_loss(
             z, quantized.detach()
         )
@@ -228,21 +234,88 @@ def adaptive_weight_function() -> Callable[..., torch.Tensor]:
     return adaptive_weight  # type: ignore[no-any-return]
 
 
+class ConvAutoencoder(nn.Module):
+    """A convolutional autoencoder halving the image once: encoder, bottleneck (a
+    ``VectorQuantizer``, or a Gaussian with a KL term), decoder with a sigmoid output."""
+
+    def __init__(
+        self,
+        channels: int,
+        width: int,
+        bottleneck: str,
+        code_dim: int,
+        codebook_size: int,
+        commitment: float,
+        kl_weight: float,
+    ) -> None:
+        super().__init__()
+        if bottleneck not in ("vq", "kl"):
+            raise ValueError(f"bottleneck must be 'vq' or 'kl', got {bottleneck!r}")
+        self.kl_weight = kl_weight
+        out = code_dim if bottleneck == "vq" else 2 * code_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 1, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, out, 1),
+        )
+        self.quantizer = (
+            VectorQuantizer(codebook_size, code_dim, commitment) if bottleneck == "vq" else None
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(code_dim, 2 * width, 3, 1, 1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, channels, 3, 1, 1),
+        )
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last convolution weight (where VQGAN's adaptive weight is taken)."""
+        layer = self.decoder[-1]
+        assert isinstance(layer, nn.Conv2d)
+        return layer.weight
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent and the bottleneck's loss (codebook, or ``kl_weight`` x KL)."""
+        h = self.encoder(x)
+        if self.quantizer is not None:
+            quantized, loss, _ = self.quantizer(h)
+            return quantized, loss
+        mean, log_var = h.chunk(2, dim=1)
+        log_var = log_var.clamp(-30.0, 20.0)
+        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).flatten(1).sum(1).mean()
+        return z, self.kl_weight * kl
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstructions and the bottleneck's loss."""
+        z, loss = self.encode(x)
+        return self.decode(z), loss
+
+
 class VQGAN(nn.Module):
     """A VQGAN-style convolutional autoencoder (Esser et al. 2021) with a PatchGAN
     discriminator and the hinge loss; or, with ``bottleneck="kl"``, a KL autoencoder as in
-    latent diffusion (Rombach et al. 2022).
+    latent diffusion (Rombach et al. 2022). ``model.autoencoder`` is the generator role (an EMA
+    of it: ``EMA(module="autoencoder")``), ``model.discriminator`` the other.
 
     ``phase="generator"``: ``autoencoder_loss`` = L1 reconstruction + the bottleneck's loss
     (codebook, or ``kl_weight`` x KL) + ``d_weight`` x (-mean D(x_hat)), where ``d_weight`` =
     ``disc_weight`` x the adaptive weight at the decoder's last layer (the ratio of the two
-    losses' gradient norms there, clamped, detached), and 0 before ``disc_start``.
-    ``phase="discriminator"``: the hinge loss mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)));
-    ``update_discriminator`` is false before ``disc_start``, so the discriminator does not move.
+    losses' gradient norms there, clamped to ``max_d_weight``, detached), and 0 before
+    ``disc_start``. ``phase="discriminator"``: the hinge loss mean(relu(1 - D(x))) +
+    mean(relu(1 + D(x_hat))); ``update_discriminator`` is false before ``disc_start``, so the
+    discriminator does not move.
 
     ``disc_start`` is counted here in generator-phase training forwards (kept in the buffer
-    ``generator_steps``, so checkpoints carry it), a local stand-in for the strategy's own
-    warm-up: set it to 0 when the strategy applies ``disc_start``. The adaptive weight comes
+    ``generator_steps``, so checkpoints carry it): a local stand-in for the strategy's own
+    warm-up; set it to 0 when the strategy applies ``disc_start``. The adaptive weight comes
     from ``strategies/adaptive_weight.py`` when that module exists, else from
     ``local_adaptive_weight``. Outputs also ``recon_loss``, ``codebook_loss``, ``d_weight``,
     ``generator_loss`` and ``recon_x``.
@@ -263,8 +336,6 @@ class VQGAN(nn.Module):
         max_d_weight: float = 1e4,
     ) -> None:
         super().__init__()
-        if bottleneck not in ("vq", "kl"):
-            raise ValueError(f"bottleneck must be 'vq' or 'kl', got {bottleneck!r}")
         if isinstance(disc_start, bool) or not isinstance(disc_start, int) or disc_start < 0:
             raise ValueError(f"disc_start must be a non-negative integer, got {disc_start!r}")
         _check_size(image_size, 1)
@@ -281,54 +352,15 @@ class VQGAN(nn.Module):
             "disc_start": disc_start,
             "max_d_weight": max_d_weight,
         }
-        self.bottleneck = bottleneck
-        self.kl_weight = kl_weight
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.max_d_weight = max_d_weight
-        out = code_dim if bottleneck == "vq" else 2 * code_dim
-        self.encoder = nn.Sequential(
-            nn.Conv2d(channels, width, 3, 1, 1),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 4, 2, 1),
-            nn.ReLU(),
-            nn.Conv2d(2 * width, out, 1),
-        )
-        self.quantizer = (
-            VectorQuantizer(codebook_size, code_dim, commitment) if bottleneck == "vq" else None
-        )
-        self.decoder = nn.Sequential(
-            nn.Conv2d(code_dim, 2 * width, 3, 1, 1),
-            nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
-            nn.ReLU(),
-            nn.Conv2d(width, channels, 3, 1, 1),
+        self.autoencoder = ConvAutoencoder(
+            channels, width, bottleneck, code_dim, codebook_size, commitment, kl_weight
         )
         self.discriminator = PatchDiscriminator(channels, width)
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.int64))
         self._adaptive_weight = adaptive_weight_function()
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The weight the adaptive weight compares gradients at: the decoder's last conv."""
-        layer = self.decoder[-1]
-        assert isinstance(layer, nn.Conv2d)
-        return layer.weight
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latent and the bottleneck's loss (codebook or KL)."""
-        h = self.encoder(x)
-        if self.quantizer is not None:
-            quantized, loss, _ = self.quantizer(h)
-            return quantized, loss
-        mean, log_var = h.chunk(2, dim=1)
-        log_var = log_var.clamp(-30.0, 20.0)
-        z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
-        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).flatten(1).sum(1).mean()
-        return z, self.kl_weight * kl
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(z))
 
     def forward(
         self, batch: dict[str, torch.Tensor], phase: str | None = None, **_: Any
@@ -337,8 +369,7 @@ class VQGAN(nn.Module):
         if phase == "discriminator_r1":
             raise ValueError("VQGAN has no 'discriminator_r1' phase")
         x = batch["data"]
-        z, bottleneck_loss = self.encode(x)
-        recon_x = self.decode(z)
+        recon_x, bottleneck_loss = self.autoencoder(x)
         disc_on = bool(self.generator_steps >= self.disc_start)
         outputs: dict[str, torch.Tensor] = {"recon_x": recon_x}
         if phase in (None, "generator"):
@@ -346,7 +377,7 @@ class VQGAN(nn.Module):
             adversarial = -self.discriminator(recon_x).mean()
             if disc_on and self.training:
                 weight = self.disc_weight * self._adaptive_weight(
-                    recon, adversarial, self.last_layer, self.max_d_weight
+                    recon, adversarial, self.autoencoder.last_layer, self.max_d_weight
                 )
             else:
                 weight = torch.zeros((), device=x.device)
@@ -365,9 +396,3 @@ class VQGAN(nn.Module):
             outputs["discriminator_loss"] = real + fake
             outputs["update_discriminator"] = torch.tensor(disc_on, device=x.device)
         return outputs
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio of images in [0, 1], in dB."""
-    mse = float((x - y).pow(2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)

@@ -150,7 +150,7 @@ def test_with_an_ema_raw_and_ema_are_side_by_side(tmp_path: Path) -> None:
 
 def test_an_autoencoder_shows_its_inputs_over_its_reconstructions(tmp_path: Path) -> None:
     batch = images(5, seed=3)
-    grid = SampleGrid(image_batch=batch, method=None, reconstructions=True, dpi=40)
+    grid = SampleGrid(image_batch=batch, samples=False, reconstructions=True, dpi=40)
     drawn = Drawn(grid)
     model = TinyAutoencoder()
     result = fit(model, [grid, drawn], tmp_path)
@@ -215,7 +215,7 @@ def test_tiles_are_separated_by_gray_lines() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": None}, "shows nothing"),
+        ({"samples": False}, "shows nothing"),
         ({"reconstructions": True}, "needs an image_batch"),
         ({"noise_shape": [0]}, "noise_shape must be a list of positive integers"),
         ({"value_range": (1.0, 0.0)}, "value_range must be two numbers low < high"),
