@@ -3,8 +3,8 @@ the same with the table of what fires when a run ends early)::
 
     fit(model, train, eval, resume):
         prepare (engine/run_setup.py): read the checkpoint, seed, place the model, set up the
-            strategy, build batches, restore, pre-flight checks (engine/preflight.py), open
-            the run folder
+            strategy (its schedulers checked per role first), build batches, restore, the
+            pre-flight checks (engine/preflight.py), open the run folder
         FIT_START
         for epoch:
             EPOCH_START
@@ -58,6 +58,7 @@ from engine.run_setup import (
     place_model,
     read_resume,
     restore_training,
+    setup_strategy,
 )
 from engine.seeding import seed_everything
 from engine.state import FitResult, Progress, RunState
@@ -147,7 +148,7 @@ class Engine:
         checkpoint = read_resume(resume, config)
         device = place_model(model, config, world)
         ctx = make_context(config, device, Progress(), world, self.forward)
-        self.strategy.setup(model, ctx)
+        setup_strategy(self.strategy, model, ctx)
         train_batches = make_train_batches(train, config, ctx)
         eval_batches = None if eval is None else make_eval_batches(eval, config, ctx)
         notes: tuple[str, ...] = ()

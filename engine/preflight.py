@@ -1,28 +1,29 @@
 """The pre-flight stage: every check that can run before the first step, in one place.
 
-``Engine.fit`` calls ``preflight`` once the model is placed, the strategy set up (its optimisers
-and schedulers built on the real parameter groups), the data batched and a checkpoint restored,
-and before the run folder or any file is written. In order:
+All of it runs before the run folder or any file is written. ``check_schedulers`` runs first,
+just before the strategy builds its optimisers and schedulers on the real parameter groups
+(``engine/run_setup.py: setup_strategy``): each role's scheduler is built on a stand-in of that
+role's optimiser class and stepped once (``engine.config.specs.check_scheduler``; roles are read
+with ``role_specs``), so that values torch refuses, even only when stepping, fail naming the
+role. (Optimiser values were checked when each spec was made.) ``Engine.fit`` then calls
+``preflight`` once the data is batched and a checkpoint restored:
 
 1. ``check_output_dir``: ``output_dir`` (or the resumed run's folder) is a folder this process
    may write into, or can be created as one.
-2. ``check_schedulers``: each role's scheduler is built on a stand-in of that role's optimiser
-   class and stepped once (``engine.config.specs.check_scheduler``; roles are read with
-   ``role_specs``), so values torch refuses only when stepping fail here, naming the role.
-3. ``first_forward``: the strategy's ``eval_step`` on the first training batch, in eval mode,
+2. ``first_forward``: the strategy's ``eval_step`` on the first training batch, in eval mode,
    under ``no_grad`` (``enable_grad`` with ``eval_with_grad``) and a forked RNG, the model's mode
    restored after: nothing of training changes. It resolves the strategy's loss keys and
    metrics against what the model returns, and names data problems (integer images, shapes).
    Each metric must be a 0-d tensor.
-4. ``produced_names``: every metric name the run's epochs will hold: ``train/<key>`` for the
+3. ``produced_names``: every metric name the run's epochs will hold: ``train/<key>`` for the
    step's metrics, ``eval/<key>`` when evaluation runs at least once, ``lr/<role>``, ``epoch``,
    ``seconds``, ``skipped_steps``, and whatever the strategy or a callback declares with an
    optional ``metric_names()`` method (e.g. a quality callback's ``eval/fid``).
-5. ``check_monitors``: every monitored name (``EngineConfig.monitor`` or the default one, each
+4. ``check_monitors``: every monitored name (``EngineConfig.monitor`` or the default one, each
    plateau scheduler's ``monitor``, each callback's ``monitor`` attribute) is among them. A
    callback whose ``monitor`` is None follows the run's; one with ``monitor_required = True``
    (``EarlyStopping``) needs that to exist.
-6. ``capability_warnings``: a strategy declares what it honours as ``supports`` (a set holding
+5. ``capability_warnings``: a strategy declares what it honours as ``supports`` (a set holding
    ``ACCUMULATION`` and/or ``CLIPPING``; the strategies of ``strategies/`` honour both through
    ``strategies/update.py``). ``accumulate_steps > 1`` or ``grad_clip_norm`` with a strategy that
    does not declare it gives a warning in ``train.log``: it may be silently ignored.
@@ -101,7 +102,6 @@ def preflight(
     strategy, callbacks, config = engine.strategy, engine.callbacks, engine.config
     if ctx.world.is_main:
         check_output_dir(config.output_dir, run_dir)
-    check_schedulers(strategy)
     metrics = first_forward(strategy, model, train_batches.first_batch(), ctx)
     evaluates = has_eval and config.eval_every <= config.epochs
     names = produced_names(metrics, strategy, callbacks, evaluates)

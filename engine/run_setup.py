@@ -2,7 +2,9 @@
 
 1. ``read_resume``: load the checkpoint to resume from (refused before anything changes).
 2. ``place_model``: seed, pick the device, move the model there, give every rank rank 0's weights.
-3. ``setup_strategy``: the strategy builds its optimisers on the placed model.
+3. ``setup_strategy``: each role's scheduler is checked against its optimiser class (the first
+   pre-flight check, ``engine/preflight.py``, so that a refusal names the role), then the
+   strategy builds its optimisers and schedulers on the placed model's real parameter groups.
 4. ``make_train_batches`` / ``make_eval_batches``: the data, sharded per rank.
 5. ``restore_training``: model, strategy, scaler and RNG streams from the checkpoint.
 6. ``engine/preflight.py``: every check that can run before the first step (names, data, the
@@ -32,6 +34,8 @@ from engine.errors import ConfigError, StrategyError
 from engine.hardware.device import resolve_device
 from engine.hardware.precision import autocast_factory, make_scaler
 from engine.metrics import MetricBuffer
+from engine.preflight import check_schedulers
+from engine.protocols import StepStrategy
 from engine.run_dir import create_run_dir
 from engine.seeding import seed_everything
 from engine.state import Progress, RunState
@@ -50,6 +54,7 @@ __all__ = [
     "place_model",
     "read_resume",
     "restore_training",
+    "setup_strategy",
 ]
 
 
@@ -81,6 +86,12 @@ def place_model(model: torch.nn.Module, config: EngineConfig, world: World) -> t
     model.to(device)
     broadcast_module(model, world)
     return device
+
+
+def setup_strategy(strategy: StepStrategy, model: torch.nn.Module, ctx: StepContext) -> None:
+    """Check each role's scheduler against its optimiser class, then ``strategy.setup``."""
+    check_schedulers(strategy)
+    strategy.setup(model, ctx)
 
 
 def check_trainable(model: Any) -> None:

@@ -144,8 +144,7 @@ def _check_type(kind: str, name: Any, key: str, value: Any, default: Any) -> Non
     else:
         what = "a number" if _is_number(default) else "a string"
     raise ConfigError(
-        f"{kind} {name}: argument {key}={value!r} must be {what} like its default "
-        f"{default!r}{hint}"
+        f"{kind} {name}: argument {key}={value!r} must be {what} like its default {default!r}{hint}"
     )
 
 
