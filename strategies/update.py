@@ -141,7 +141,7 @@ def backward_isolated(
             loss = loss / ctx.micro_count
         if ctx.scaler is not None:
             loss = ctx.scaler.scale(loss)
-        with gradient_sync(sharers, loss, ctx.world, ctx.is_update_step):
+        with gradient_sync(sharers, loss, ctx, ctx.is_update_step):
             if every_group and len(merged) == 1:
                 loss.backward()
             else:
@@ -175,7 +175,7 @@ def step_update(update: Update, ctx: StepContext) -> bool:
         return False
     update.pending = False
     scaler = ctx.scaler
-    finish_window(update, ctx.world)
+    finish_window(update, ctx)
     clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
     if scaler is not None:
         if all(param.grad is None for param in update.params):
