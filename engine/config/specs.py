@@ -90,7 +90,7 @@ def _check_keywords(kind: str, target: Any, params: Mapping[str, Any], skip: int
             )
     for parameter in accepted:
         if parameter.name in params:
-            _check_type(kind, name, parameter.name, params[parameter.name], parameter.default)
+            _check_type(kind, name, parameter, params[parameter.name])
     required = [
         p.name
         for p in accepted
@@ -102,6 +102,11 @@ def _check_keywords(kind: str, target: Any, params: Mapping[str, Any], skip: int
         raise ConfigError(
             f"{kind} {name!r} needs argument(s) {required}; got {_call_text(name, params)}"
         )
+
+
+# A required argument (no default) has its kind read from a plain annotation: a value standing
+# for that kind, as a default would.
+_ANNOTATED: dict[str, Any] = {"int": 1, "float": 1.0, "bool": False, "str": ""}
 
 
 def _is_number(value: Any) -> bool:
@@ -129,9 +134,16 @@ def _fits_default(value: Any, default: Any) -> bool:
     return True
 
 
-def _check_type(kind: str, name: Any, key: str, value: Any, default: Any) -> None:
-    """Refuse an argument of another kind than its default (``lr="1e-2"``, ``betas=0.9``,
-    ``amsgrad="yes"``), which torch would take, or refuse only with a bare TypeError."""
+def _check_type(kind: str, name: Any, parameter: inspect.Parameter, value: Any) -> None:
+    """Refuse an argument of another kind than its default, or than its plain annotation
+    where it has no default (``lr="1e-2"``, ``betas=0.9``, ``amsgrad="yes"``,
+    ``step_size="a"``), which torch would take, or refuse only with a bare TypeError."""
+    default, key = parameter.default, parameter.name
+    if default is inspect.Parameter.empty:
+        default = _ANNOTATED.get(str(parameter.annotation), default)
+        like = f"(its type is {parameter.annotation})"
+    else:
+        like = f"like its default {default!r}"
     if default is inspect.Parameter.empty or _fits_default(value, default):
         return
     hint = ""
@@ -143,9 +155,7 @@ def _check_type(kind: str, name: Any, key: str, value: Any, default: Any) -> Non
         what = f"{len(default)} numbers"
     else:
         what = "a number" if _is_number(default) else "a string"
-    raise ConfigError(
-        f"{kind} {name}: argument {key}={value!r} must be {what} like its default {default!r}{hint}"
-    )
+    raise ConfigError(f"{kind} {name}: argument {key}={value!r} must be {what} {like}{hint}")
 
 
 def _call_text(name: Any, params: Mapping[str, Any]) -> str:

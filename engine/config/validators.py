@@ -23,7 +23,7 @@ from engine.errors import ConfigError
 
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
-_DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 @attrs.frozen
@@ -118,7 +118,7 @@ output_names = Check(
 )
 device_name = Check(
     "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'",
-    lambda v: isinstance(v, str) and _DEVICE_PATTERN.fullmatch(v) is not None,
+    lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None,
 )
 figsize_inches = Check("two positive numbers (inches)", _is_positive_pair)
 min_or_max = one_of("min", "max")
