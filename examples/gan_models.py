@@ -1,22 +1,26 @@
 """Convolutional GAN examples for the digits: a DCGAN and a VQGAN-style autoencoder.
 
-Both follow the two-phase contract of ``Adversarial(two_phase=True)``: ``forward(batch,
-phase="discriminator")`` returns ``discriminator_loss``, ``forward(batch, phase="generator")``
-returns the generator's loss (``generator_loss`` for the DCGAN, ``autoencoder_loss`` for the
-autoencoder), and ``phase=None`` returns everything (evaluation, pictures). The discriminator is
-``model.discriminator``; the generator role is every other parameter. Images are in [0, 1].
+Both follow the two-phase contract of ``Adversarial(two_phase=True)`` (sequential phases):
+``forward(batch, phase="discriminator")`` returns ``discriminator_loss`` and, for the gradient
+penalties of ``strategies/regularisers.py``, the discriminator's inputs and scores (``real`` and
+``real_scores`` for R1, ``fake`` and ``fake_scores`` for R2; the inputs require grad while
+training); ``forward(batch, phase="generator")`` returns the generator's loss
+(``generator_loss`` for the DCGAN, ``autoencoder_loss`` for the autoencoder); ``phase=None``
+returns everything (evaluation, pictures). The discriminator is ``model.discriminator``; the
+generator role is every other parameter. Images are in [0, 1].
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-PHASES = (None, "discriminator", "generator", "discriminator_r1")
+from strategies.adaptive_weight import adaptive_weight
+
+PHASES = (None, "discriminator", "generator")
 
 
 def _check_phase(phase: str | None) -> None:
@@ -83,23 +87,15 @@ class DCGANDiscriminator(nn.Module):
 class DCGAN(nn.Module):
     """A DCGAN with the non-saturating logistic loss (Goodfellow et al. 2014, as StyleGAN2).
 
-    ``phase="discriminator"``: ``discriminator_loss`` = softplus(D(G(z))) + softplus(-D(x));
-    ``phase="generator"``: ``generator_loss`` = softplus(-D(G(z))); ``phase="discriminator_r1"``:
-    ``r1_loss`` = ``r1_gamma`` / 2 * |grad_x D(x)|^2 (Mescheder et al. 2018), for a strategy that
-    runs it as its own (lazy) phase. ``r1_gamma`` with ``r1_in_loss=True`` adds the penalty to
-    every discriminator loss instead (the non-lazy fallback where no strategy runs the
-    regulariser). ``sample(noise)`` (or ``sample(n)``) decodes noise to images;
-    ``latent_shape`` tells a sampler the noise shape.
+    ``phase="discriminator"``: ``discriminator_loss`` = softplus(D(G(z))) + softplus(-D(x)),
+    with ``real``/``real_scores`` and ``fake``/``fake_scores`` for a gradient penalty (R1 is
+    ``Adversarial(regularisers=(r1(gamma),), regularise_every=16)``); ``phase="generator"``:
+    ``generator_loss`` = softplus(-D(G(z))). ``sample(noise)`` (or ``sample(n)``) decodes noise
+    to images; ``latent_shape`` tells a sampler the noise shape.
     """
 
     def __init__(
-        self,
-        image_size: int = 16,
-        channels: int = 1,
-        latent_dim: int = 32,
-        width: int = 32,
-        r1_gamma: float = 0.0,
-        r1_in_loss: bool = False,
+        self, image_size: int = 16, channels: int = 1, latent_dim: int = 32, width: int = 32
     ) -> None:
         super().__init__()
         self.config = {
@@ -107,13 +103,9 @@ class DCGAN(nn.Module):
             "channels": channels,
             "latent_dim": latent_dim,
             "width": width,
-            "r1_gamma": r1_gamma,
-            "r1_in_loss": r1_in_loss,
         }
         self.latent_dim = latent_dim
         self.latent_shape = (latent_dim,)
-        self.r1_gamma = r1_gamma
-        self.r1_in_loss = r1_in_loss
         self.generator = DCGANGenerator(latent_dim, width, channels, image_size)
         self.discriminator = DCGANDiscriminator(width, channels, image_size)
 
@@ -122,29 +114,29 @@ class DCGAN(nn.Module):
     ) -> dict[str, torch.Tensor]:
         _check_phase(phase)
         x = batch["data"]
-        outputs: dict[str, torch.Tensor] = {}
-        if phase == "discriminator_r1":
-            outputs["r1_loss"] = self.r1_penalty(x)
-            return outputs
-        fake = self.generator(torch.randn(len(x), self.latent_dim, device=x.device))
-        outputs["fake_x"] = fake
+        noise = torch.randn(len(x), self.latent_dim, device=x.device)
+        if phase == "discriminator":  # no generator graph: only the discriminator steps here
+            with torch.no_grad():
+                fake = self.generator(noise)
+        else:
+            fake = self.generator(noise)
+        outputs: dict[str, torch.Tensor] = {"fake_x": fake}
         if phase in (None, "discriminator"):
-            loss = F.softplus(self.discriminator(fake.detach())).mean()
-            loss = loss + F.softplus(-self.discriminator(x)).mean()
-            if self.r1_in_loss and self.r1_gamma > 0 and torch.is_grad_enabled():
-                loss = loss + self.r1_penalty(x)
-            outputs["discriminator_loss"] = loss
+            grad = torch.is_grad_enabled()
+            real = x.detach().requires_grad_(grad)
+            fake_in = fake.detach().requires_grad_(grad)
+            real_scores = self.discriminator(real)
+            fake_scores = self.discriminator(fake_in)
+            outputs.update(
+                discriminator_loss=F.softplus(fake_scores).mean() + F.softplus(-real_scores).mean(),
+                real=real,
+                real_scores=real_scores,
+                fake=fake_in,
+                fake_scores=fake_scores,
+            )
         if phase in (None, "generator"):
             outputs["generator_loss"] = F.softplus(-self.discriminator(fake)).mean()
         return outputs
-
-    def r1_penalty(self, real: torch.Tensor) -> torch.Tensor:
-        """``r1_gamma`` / 2 * the mean squared norm of D's gradient at the real images."""
-        if not torch.is_grad_enabled():
-            return torch.zeros((), device=real.device)
-        real = real.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.discriminator(real).sum(), real, create_graph=True)
-        return 0.5 * self.r1_gamma * grad.flatten(1).pow(2).sum(1).mean()
 
     def sample(self, noise: torch.Tensor | int) -> torch.Tensor:
         """Images from ``noise`` (N, latent_dim), or from ``noise`` fresh draws if an int."""
@@ -205,33 +197,6 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
-
-
-def local_adaptive_weight(
-    reconstruction: torch.Tensor,
-    adversarial: torch.Tensor,
-    last_layer: torch.Tensor,
-    max_weight: float = 1e4,
-) -> torch.Tensor:
-    """VQGAN's adaptive weight (Esser et al. 2021, taming-transformers): the ratio of the
-    gradient norms of the reconstruction and adversarial losses at ``last_layer``, clamped to
-    [0, ``max_weight``] and detached; the norms are taken in float32. 0 without autograd."""
-    if not (torch.is_grad_enabled() and adversarial.requires_grad):
-        return torch.zeros((), device=reconstruction.device)
-    (recon_grad,) = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)
-    (adv_grad,) = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
-    ratio = recon_grad.float().norm() / (adv_grad.float().norm() + 1e-4)
-    return ratio.clamp(0.0, max_weight).detach()
-
-
-def adaptive_weight_function() -> Callable[..., torch.Tensor]:
-    """The engine's adaptive weight (``strategies/adaptive_weight.py``) when it exists, else
-    ``local_adaptive_weight`` (same definition)."""
-    try:
-        from strategies.adaptive_weight import adaptive_weight  # type: ignore[import-not-found]
-    except ImportError:
-        return local_adaptive_weight
-    return adaptive_weight  # type: ignore[no-any-return]
 
 
 class ConvAutoencoder(nn.Module):
@@ -306,19 +271,16 @@ class VQGAN(nn.Module):
     of it: ``EMA(module="autoencoder")``), ``model.discriminator`` the other.
 
     ``phase="generator"``: ``autoencoder_loss`` = L1 reconstruction + the bottleneck's loss
-    (codebook, or ``kl_weight`` x KL) + ``d_weight`` x (-mean D(x_hat)), where ``d_weight`` =
-    ``disc_weight`` x the adaptive weight at the decoder's last layer (the ratio of the two
-    losses' gradient norms there, clamped to ``max_d_weight``, detached), and 0 before
-    ``disc_start``. ``phase="discriminator"``: the hinge loss mean(relu(1 - D(x))) +
-    mean(relu(1 + D(x_hat))); ``update_discriminator`` is false before ``disc_start``, so the
-    discriminator does not move.
-
-    ``disc_start`` is counted here in generator-phase training forwards (kept in the buffer
-    ``generator_steps``, so checkpoints carry it): a local stand-in for the strategy's own
-    warm-up; set it to 0 when the strategy applies ``disc_start``. The adaptive weight comes
-    from ``strategies/adaptive_weight.py`` when that module exists, else from
-    ``local_adaptive_weight``. Outputs also ``recon_loss``, ``codebook_loss``, ``d_weight``,
-    ``generator_loss`` and ``recon_x``.
+    (codebook, or ``kl_weight`` x KL) + ``disc_factor`` x ``d_weight`` x (-mean D(x_hat)), where
+    ``d_weight`` = ``disc_weight`` x VQGAN's adaptive weight at the decoder's last layer
+    (``strategies/adaptive_weight.py``: the ratio of the two losses' gradient norms there,
+    clamped to ``max_d_weight``, detached). ``disc_factor`` comes from the strategy:
+    ``Adversarial(disc_start=N)`` passes 0.0 before window ``N`` (and runs no discriminator
+    phase), 1.0 from it on; without it the adversarial term is always on.
+    ``phase="discriminator"``: the hinge loss mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))),
+    with ``real``/``real_scores`` for an R1 penalty. Outputs also ``recon_loss``,
+    ``codebook_loss``, ``d_weight`` (0 while ``disc_factor`` is 0), ``generator_loss`` and
+    ``recon_x``.
     """
 
     def __init__(
@@ -332,12 +294,9 @@ class VQGAN(nn.Module):
         commitment: float = 0.25,
         kl_weight: float = 1e-4,
         disc_weight: float = 0.5,
-        disc_start: int = 0,
         max_d_weight: float = 1e4,
     ) -> None:
         super().__init__()
-        if isinstance(disc_start, bool) or not isinstance(disc_start, int) or disc_start < 0:
-            raise ValueError(f"disc_start must be a non-negative integer, got {disc_start!r}")
         _check_size(image_size, 1)
         self.config = {
             "image_size": image_size,
@@ -349,50 +308,50 @@ class VQGAN(nn.Module):
             "commitment": commitment,
             "kl_weight": kl_weight,
             "disc_weight": disc_weight,
-            "disc_start": disc_start,
             "max_d_weight": max_d_weight,
         }
         self.disc_weight = disc_weight
-        self.disc_start = disc_start
         self.max_d_weight = max_d_weight
         self.autoencoder = ConvAutoencoder(
             channels, width, bottleneck, code_dim, codebook_size, commitment, kl_weight
         )
         self.discriminator = PatchDiscriminator(channels, width)
-        self.register_buffer("generator_steps", torch.zeros((), dtype=torch.int64))
-        self._adaptive_weight = adaptive_weight_function()
 
     def forward(
-        self, batch: dict[str, torch.Tensor], phase: str | None = None, **_: Any
+        self,
+        batch: dict[str, torch.Tensor],
+        phase: str | None = None,
+        disc_factor: float = 1.0,
+        **_: Any,
     ) -> dict[str, torch.Tensor]:
         _check_phase(phase)
-        if phase == "discriminator_r1":
-            raise ValueError("VQGAN has no 'discriminator_r1' phase")
         x = batch["data"]
         recon_x, bottleneck_loss = self.autoencoder(x)
-        disc_on = bool(self.generator_steps >= self.disc_start)
         outputs: dict[str, torch.Tensor] = {"recon_x": recon_x}
         if phase in (None, "generator"):
             recon = (recon_x - x).abs().mean()
             adversarial = -self.discriminator(recon_x).mean()
-            if disc_on and self.training:
-                weight = self.disc_weight * self._adaptive_weight(
+            if disc_factor > 0 and self.training:
+                weight = self.disc_weight * adaptive_weight(
                     recon, adversarial, self.autoencoder.last_layer, self.max_d_weight
                 )
             else:
                 weight = torch.zeros((), device=x.device)
             outputs.update(
-                autoencoder_loss=recon + bottleneck_loss + weight * adversarial,
+                autoencoder_loss=recon + bottleneck_loss + disc_factor * weight * adversarial,
                 recon_loss=recon,
                 codebook_loss=bottleneck_loss,
                 generator_loss=adversarial,
                 d_weight=weight,
             )
-            if phase == "generator" and self.training and torch.is_grad_enabled():
-                self.generator_steps += 1
         if phase in (None, "discriminator"):
-            real = F.relu(1.0 - self.discriminator(x)).mean()
-            fake = F.relu(1.0 + self.discriminator(recon_x.detach())).mean()
-            outputs["discriminator_loss"] = real + fake
-            outputs["update_discriminator"] = torch.tensor(disc_on, device=x.device)
+            real = x.detach().requires_grad_(torch.is_grad_enabled())
+            real_scores = self.discriminator(real)
+            fake_scores = self.discriminator(recon_x.detach())
+            outputs.update(
+                discriminator_loss=F.relu(1.0 - real_scores).mean()
+                + F.relu(1.0 + fake_scores).mean(),
+                real=real,
+                real_scores=real_scores,
+            )
         return outputs

@@ -53,31 +53,41 @@ def test_the_dcgan_config_trains_one_short_epoch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_vqgan_config_trains_one_short_epoch(tmp_path: Path) -> None:
-    run_dir = fit_short("vqgan_digits.toml", tmp_path, "model.disc_start=3")
+    run_dir = fit_short("vqgan_digits.toml", tmp_path, "strategy.disc_start=3")
     (record,) = history(run_dir)
     for key in ("eval/fid", "eval/recon_loss", "train/d_weight", "train/codebook_loss"):
         assert key in record, sorted(record)
-    assert record["train/d_weight"] > 0  # the adversarial term started after 3 steps
+    assert record["train/d_weight"] > 0  # the adversarial term started after 3 of 6 steps
     assert sorted(path.name for path in (run_dir / "samples").iterdir()) == [
         "samples_epoch_001.png",
         "samples_strip.png",
     ]
     ema = torch.load(run_dir / "model_ema.pt", weights_only=True)
     final = torch.load(run_dir / "model_final.pt", weights_only=True)
-    assert int(final["generator_steps"]) == 6  # 179 training digits, batches of 32
     assert not torch.equal(
         ema["autoencoder.decoder.0.weight"], final["autoencoder.decoder.0.weight"]
     )
+    assert torch.equal(ema["discriminator.body.0.weight"], final["discriminator.body.0.weight"])
 
 
 def test_the_dcgan_phases_return_their_losses_and_sample_takes_noise() -> None:
     torch.manual_seed(0)
-    model = DCGAN(image_size=16, latent_dim=4, width=4, r1_gamma=1.0)
+    model = DCGAN(image_size=16, latent_dim=4, width=4)
     batch = {"data": torch.rand(3, 1, 16, 16)}
-    assert set(model(batch, phase="discriminator")) == {"fake_x", "discriminator_loss"}
+    critic = model(batch, phase="discriminator")
+    assert set(critic) == {
+        "fake_x",
+        "discriminator_loss",
+        "real",
+        "real_scores",
+        "fake",
+        "fake_scores",
+    }
+    assert critic["real"].requires_grad and critic["fake"].requires_grad
+    assert not critic["fake_x"].requires_grad  # no generator graph in the critic's phase
     assert set(model(batch, phase="generator")) == {"fake_x", "generator_loss"}
-    assert set(model(batch, phase="discriminator_r1")) == {"r1_loss"}
-    assert model(batch, phase="discriminator_r1")["r1_loss"].requires_grad
+    with torch.no_grad():
+        assert not model(batch, phase="discriminator")["real"].requires_grad
     assert model.sample(torch.zeros(2, 4)).shape == (2, 1, 16, 16)
     assert model.sample(5).shape == (5, 1, 16, 16)
     with pytest.raises(ValueError, match="'critic'"):
@@ -98,16 +108,20 @@ def test_the_vqgan_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_la
     expected = 0.5 * g_recon.norm() / (g_adv.norm() + 1e-4)
     assert float(outputs["d_weight"]) == pytest.approx(float(expected), rel=1e-5)
     assert not outputs["d_weight"].requires_grad
-    assert int(model.generator_steps) == 1
+    loss = outputs["recon_loss"] + outputs["codebook_loss"] + outputs["d_weight"] * adversarial
+    assert float(outputs["autoencoder_loss"].detach()) == pytest.approx(
+        float(loss.detach()), rel=1e-6
+    )
 
 
-def test_the_vqgan_discriminator_waits_for_disc_start() -> None:
+def test_the_vqgan_adversarial_term_follows_the_strategys_disc_factor() -> None:
     torch.manual_seed(0)
-    model = VQGAN(image_size=8, width=4, code_dim=4, codebook_size=8, disc_start=2)
+    model = VQGAN(image_size=8, width=4, code_dim=4, codebook_size=8)
     batch = {"data": torch.rand(2, 1, 8, 8)}
-    seen = []
-    for _ in range(3):
-        flag = model(batch, phase="discriminator")["update_discriminator"]
-        weight = model(batch, phase="generator")["d_weight"]
-        seen.append((bool(flag), float(weight) > 0))
-    assert seen == [(False, False), (False, False), (True, True)]
+    off = model(batch, phase="generator", disc_factor=0.0)
+    assert float(off["d_weight"]) == 0.0
+    assert float(off["autoencoder_loss"]) == pytest.approx(
+        float(off["recon_loss"] + off["codebook_loss"]), rel=1e-6
+    )
+    on = model(batch, phase="generator", disc_factor=1.0)
+    assert float(on["d_weight"]) > 0.0
