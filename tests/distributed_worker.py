@@ -28,6 +28,7 @@ import callbacks as callback_package
 import strategies
 from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
 from engine import DataError, Engine, EngineConfig, OptimizerSpec
+from engine.distributed.session import leave_process_group
 
 N_TRAIN = 48  # 6 global batches of 2 x 4
 N_EVAL = 9  # the last global eval batch leaves rank 1 nothing: no padding, no duplicate
@@ -67,6 +68,7 @@ class Autoencoder(nn.Module):
         recon = (self.decoder(z) - x).pow(2).sum(1).mean()
         out = {"loss": recon, "encoder_loss": recon + 0.1 * z.pow(2).sum(1).mean()}
         out["decoder_loss"] = recon
+        out["z"] = z  # a per-sample output, for predict
         if self.discriminator is not None:
             prior = torch.cos(x[:, :3] * 3.0)  # a deterministic stand-in for prior samples
             fake, real = self.discriminator(z), self.discriminator(prior)
@@ -128,6 +130,72 @@ class FailsAtStep(nn.Module):
             raise ValueError(f"deliberate failure at step {self.calls}")
         self.calls += 1
         return {"loss": self.linear(batch["data"]).pow(2).mean()}
+
+
+class HangsAtStep(nn.Module):
+    """At training step ``hang_at`` (when armed) its forward waits, alive and in no collective,
+    until the file ``release`` exists (at most ``limit_s``); ``released`` says whether it did."""
+
+    def __init__(self, hang_at: int | None, release: Path, limit_s: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(FEATURES, FEATURES)
+        self.hang_at, self.release, self.limit_s = hang_at, release, limit_s
+        self.calls = 0
+        self.released: bool | None = None
+
+    def forward(self, batch: dict[str, torch.Tensor], **_: Any) -> dict[str, torch.Tensor]:
+        if self.training and self.calls == self.hang_at:
+            self.released = _wait_for_file(self.release, self.limit_s)
+        self.calls += 1
+        return {"loss": self.linear(batch["data"]).pow(2).mean()}
+
+
+class SlowFitEnd:
+    """On rank 0, at FIT_END (before ``Checkpointing`` writes its last files), waits a moment
+    and then writes ``marker``: a rank whose ``fit`` returned before rank 0's files were on disk
+    would not see it."""
+
+    def __init__(self, marker: Path, delay_s: float = 1.5) -> None:
+        self.marker, self.delay_s = marker, delay_s
+
+    def on_fit_end(self, run: Any) -> None:
+        if run.is_main_process:
+            time.sleep(self.delay_s)
+            self.marker.write_text("rank 0's FIT_END handlers ran")
+
+
+def _wait_for_file(path: Path, limit_s: float) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def file_barrier(
+    folder: Path, name: str, rank: int, world_size: int, limit_s: float = 120.0
+) -> None:
+    """Every rank waits here until all have arrived (through files: before any process group),
+    so that they join within moments of each other."""
+    (folder / f"{name}-{rank}").write_text("here")
+    for other in range(world_size):
+        if not _wait_for_file(folder / f"{name}-{other}", limit_s):
+            raise TimeoutError(f"rank {other} did not reach {name!r} within {limit_s} s")
+
+
+def gloo_worker_threads() -> int | None:
+    """How many of gloo's worker threads this process runs (Linux names them), else None."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return names.count("pt_gloo_runloop")
 
 
 # --------------------------------------------------------------- strategies
@@ -404,6 +472,28 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
     train_resumable(rank, epochs=1, folder=folder / "resume")
     results["resumed"] = train_resumable(rank, epochs=3, folder=folder / "resume", resume="last")
 
+    # When fit returns on rank 1, rank 0's FIT_END handlers and files are done (closing barrier).
+    shared = folder / "closing"
+    shared.mkdir(exist_ok=True)
+    marker = shared / "rank0-fit-end-done"
+    closing_callbacks = [SlowFitEnd(marker), callback_package.Checkpointing()]
+    Engine(
+        strategies.Standard(_adam()),
+        config(epochs=1, output_dir=shared, run_name="run"),
+        closing_callbacks,
+    ).fit(Autoencoder(), train_data())
+    results["after_fit"] = {
+        "marker": marker.exists(),
+        "model_final": (shared / "run" / "model_final.pt").exists(),
+        "last": (shared / "run" / "checkpoints" / "last" / "COMPLETE").exists(),
+    }
+
+    # Every rank predicts all of the data (with the same weights on every rank).
+    torch.manual_seed(0)
+    results["predict"] = Engine(strategies.Standard(_adam()), config()).predict(
+        Autoencoder(), eval_data()
+    )
+
     failing = FailsAtStep(fail_at=3 if rank == 1 else None)
     started = time.perf_counter()
     try:
@@ -412,19 +502,55 @@ def scenario_training(rank: int, folder: Path) -> dict[str, Any]:
     except Exception as error:
         results["failure"] = (type(error).__name__, str(error))
     results["failure_seconds"] = time.perf_counter() - started
+    # Leaving joins gloo's worker threads, even after a failure (none outlives the interpreter).
+    leave_process_group()
+    results["gloo_threads_after_leave"] = gloo_worker_threads()
     return results
 
 
 def scenario_torchrun(rank: int, folder: Path) -> dict[str, Any]:
-    """Under the real launcher: two fits in one process (the second reuses the group)."""
+    """Under the real launcher: two fits in one process (the second reuses the group), then
+    leaving the group."""
     first = train_resumable(rank, epochs=1)
     second = train_resumable(rank, epochs=1)
-    return {"first": first, "second": second, "rank": rank}
+    threads_in_group = gloo_worker_threads()
+    leave_process_group()
+    return {
+        "first": first,
+        "second": second,
+        "rank": rank,
+        "gloo_threads": (threads_in_group, gloo_worker_threads()),
+    }
+
+
+HUNG_TIMEOUT_S = 5.0
+HUNG_LIMIT_S = 90.0
+
+
+def scenario_hung(rank: int, folder: Path) -> dict[str, Any]:
+    """Rank 1 hangs in its forward at step 2 (alive, in no collective) until rank 0 has given
+    up; rank 0's gradient all-reduce must fail at ``distributed_timeout_s`` (this fit joins the
+    group, so its timeout is the group's), long before rank 1's own limit."""
+    file_barrier(folder, "ready", rank, 2)
+    release = folder / "rank0-gave-up"
+    model = HangsAtStep(2 if rank == 1 else None, release, HUNG_LIMIT_S)
+    result: dict[str, Any] = {"failure": None}
+    try:
+        Engine(
+            strategies.Standard(_adam()), config(epochs=3, distributed_timeout_s=HUNG_TIMEOUT_S)
+        ).fit(model, train_data())
+    except Exception as error:
+        result["failure"] = (type(error).__name__, str(error))
+    if rank == 0:
+        release.write_text("rank 0 stopped")
+    result["released"] = model.released
+    return result
 
 
 SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "training": scenario_training,
     "torchrun": scenario_torchrun,
+    "hung": scenario_hung,
 }
 
 
@@ -457,19 +583,30 @@ def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) ->
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
         raise
+    finally:
+        leave_process_group()
     torch.save(result, out / f"rank{rank}.pt")
 
 
-def spawn(scenario: str, folder: Path, world_size: int = 2) -> list[dict[str, Any]]:
-    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank."""
+def spawn(
+    scenario: str, folder: Path, world_size: int = 2, deadline_s: float = 900.0
+) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank. Ranks still
+    running after ``deadline_s`` (a hang) are killed and the call fails."""
     folder.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(
+    context = mp.start_processes(
         _entry,
         args=(scenario, world_size, free_port(), str(folder)),
         nprocs=world_size,
         start_method="spawn",
-        join=True,
+        join=False,
     )
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"scenario {scenario!r} still ran after {deadline_s} s: a hang")
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
@@ -479,4 +616,8 @@ if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ..
     torch.set_num_threads(1)
     name, where = sys.argv[1], Path(sys.argv[2])
     own_rank = int(os.environ["RANK"])
-    torch.save(SCENARIOS[name](own_rank, where), where / f"rank{own_rank}.pt")
+    try:
+        outcome = SCENARIOS[name](own_rank, where)
+    finally:
+        leave_process_group()
+    torch.save(outcome, where / f"rank{own_rank}.pt")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import importlib
 import os
 import sys
@@ -128,7 +129,8 @@ def leave_process_group() -> None:
     """Destroy the default process group if there is one (idempotent); the one way out.
 
     Destroying it drops the last reference to the group (``join_process_group`` made sure torch
-    keeps none), and the group's destructor, which runs without the GIL, waits for the work
+    keeps none; references in garbage cycles, such as a failed collective's traceback, are
+    collected), and the group's destructor, which runs without the GIL, waits for the work
     still queued and joins its worker threads: afterwards no thread of it is left to take the
     GIL during interpreter shutdown. A group someone else still references outlives this call
     (its threads too); the interpreter then lets go of the GIL for a moment so that those
@@ -142,8 +144,11 @@ def leave_process_group() -> None:
         return
     group = dist.group.WORLD
     dist.destroy_process_group()
-    # Two references: ``group`` and getrefcount's argument; more means someone else holds it.
+    # Two references: ``group`` and getrefcount's argument. A third may sit in a reference
+    # cycle (a failed collective's traceback holds one): collect those first.
     if sys.getrefcount(group) > 2:
+        gc.collect()
+    if sys.getrefcount(group) > 2:  # held elsewhere: its threads outlive this call
         time.sleep(_GIL_HANDOVER_S)
     del group  # the destructor runs here, waiting for the group's threads
 

@@ -252,6 +252,57 @@ def test_a_failing_rank_stops_every_rank_with_a_clear_error(
 
 
 @pytest.mark.slow
+def test_fit_returns_on_every_rank_only_once_rank_zeros_files_are_on_disk(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    """Rank 0's FIT_END handlers take a moment (then ``Checkpointing`` writes ``last`` and
+    ``model_final.pt``): rank 1's ``fit`` returns only after them (the closing barrier)."""
+    (rank0, rank1), _ = two_ranks
+    everything = {"marker": True, "model_final": True, "last": True}
+    assert rank1["after_fit"] == everything
+    assert rank0["after_fit"] == everything
+
+
+@pytest.mark.slow
+def test_predict_covers_all_the_data_on_every_rank(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    (rank0, rank1), _ = two_ranks
+    torch.manual_seed(0)
+    alone = Engine(strategies.Standard(OptimizerSpec("Adam")), worker.config()).predict(
+        worker.Autoencoder(), worker.eval_data()
+    )
+    assert set(alone) == {"z"} and len(alone["z"]) == worker.N_EVAL
+    for rank in (rank0, rank1):
+        assert rank["predict"].keys() == alone.keys()
+        assert torch.equal(rank["predict"]["z"], alone["z"])
+
+
+@pytest.mark.slow
+def test_leaving_the_group_joins_its_worker_threads_even_after_a_failure(
+    two_ranks: tuple[list[dict[str, Any]], Path],
+) -> None:
+    """No gloo worker thread outlives ``leave_process_group`` (one that outlived the interpreter
+    would abort the process at exit: "terminate called without an active exception")."""
+    if two_ranks[0][0]["gloo_threads_after_leave"] is None:
+        pytest.skip("thread names are read from /proc (Linux)")
+    assert [rank["gloo_threads_after_leave"] for rank in two_ranks[0]] == [0, 0]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_bounded_by_the_distributed_timeout(tmp_path: Path) -> None:
+    """Rank 1 hangs, alive, before a gradient all-reduce; rank 0 stops at the timeout of the
+    fit that joined the group (5 s) with a DistributedError naming the operation, while rank 1
+    still hangs (it waits for rank 0 to give up, at most 90 s)."""
+    rank0, rank1 = worker.spawn("hung", tmp_path)
+    kind, message = rank0["failure"]
+    assert kind == "DistributedError", message
+    assert "rank 0 of 2" in message and "all-reduce" in message
+    assert rank1["released"] is True, "rank 0 did not give up while rank 1 hung"
+    assert rank1["failure"] is not None and rank1["failure"][0] == "DistributedError"
+
+
+@pytest.mark.slow
 def test_resume_of_a_two_process_checkpoint_in_two_processes_is_exact(
     two_ranks: tuple[list[dict[str, Any]], Path],
 ) -> None:
@@ -299,6 +350,9 @@ def test_torchrun_launch_joins_the_group_and_a_second_fit_works(tmp_path: Path) 
     _assert_bitwise(rank0["first"], rank1["first"])
     _assert_bitwise(rank0["second"], rank0["first"])  # the same seed: the same run again
     _assert_bitwise(rank1["second"], rank1["first"])
+    for rank in (rank0, rank1):  # some in the group, none left after leave_process_group
+        during, after = rank["gloo_threads"]
+        assert during is None or (during > 0 and after == 0), rank["gloo_threads"]
 
 
 # ---------------------------------------------------------- one process
