@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from engine.distributed.session import leave_process_group
 from tests.distributed_worker import free_port, set_rank_environment
 from tests.engine.checkpoint_cases import equal
 
@@ -65,6 +66,8 @@ def _entry(rank: int, port: int, folder: str) -> None:
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
         raise
+    finally:
+        leave_process_group()
     results = {"reference": reference, "resumed": resumed, "from_one_process": from_one_process}
     torch.save(results, out / f"rank{rank}.pt")
 
