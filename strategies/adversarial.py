@@ -51,6 +51,7 @@ from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.config.validators import is_bool, non_negative_int, one_of, optional, positive_int
 from engine.context import StepContext
 from engine.errors import ConfigError
+from engine.preflight import SUPPORTS_ALL
 from strategies.groups import DISCRIMINATOR, GENERATOR, GroupChoice
 from strategies.joint import JointUpdates, eval_step_of, joint_updates, train_step_of
 from strategies.joint_methods import LIFECYCLE, eval_one_forward, train_one_forward
@@ -199,6 +200,7 @@ class Adversarial:
         return self.joint.scheduled(GENERATOR)
 
     setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
+    supports = SUPPORTS_ALL  # accumulation and clipping, through strategies/update.py
 
     def train_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext

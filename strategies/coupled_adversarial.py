@@ -11,6 +11,7 @@ from __future__ import annotations
 import attrs
 
 from engine.config.specs import OptimizerSpec, SchedulerSpec
+from engine.preflight import SUPPORTS_ALL
 from strategies.coupled import DECODER, ENCODER
 from strategies.groups import DISCRIMINATOR, GroupChoice
 from strategies.joint import JointUpdates, joint_updates
@@ -56,4 +57,5 @@ class CoupledAdversarial:
         self.loss_keys = self.joint.loss_keys
 
     setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
+    supports = SUPPORTS_ALL  # accumulation and clipping, through strategies/update.py
     train_step, eval_step, predict_step = ONE_FORWARD

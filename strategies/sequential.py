@@ -23,6 +23,7 @@ from engine.config.specs import OptimizerSpec, SchedulerSpec
 from engine.config.validators import is_bool, non_empty_str, optional
 from engine.context import StepContext
 from engine.errors import ConfigError
+from engine.preflight import SUPPORTS_ALL
 from strategies.groups import GroupChoice
 from strategies.joint import JointUpdates, joint_updates
 from strategies.joint_methods import LIFECYCLE
@@ -91,6 +92,7 @@ class Sequential:
         self.loss_keys = tuple(dict.fromkeys(keys))
 
     setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
+    supports = SUPPORTS_ALL  # accumulation and clipping, through strategies/update.py
 
     def train_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -233,3 +234,31 @@ def test_a_general_sequential_strategy_runs_its_phases_in_order() -> None:
     assert strategy.loss_keys == ("generator_loss", "discriminator_loss")
     assert strategy.state_dict()["windows"] == 4
     assert "generator_loss" in strategy.predict_step(model, gan_batches(1, 2, 0)[0], make_ctx())
+
+
+@pytest.mark.parametrize("poisoned", ["discriminator_loss", "generator_loss"])
+def test_a_non_finite_phase_loss_drops_its_batch_from_that_phase_and_the_later_ones(
+    poisoned: str,
+) -> None:
+    torch.manual_seed(0)
+    model = TinyGAN()
+    strategy = _adversarial("SGD", 1)
+    strategy.setup(model, make_ctx())
+
+    def forward(module: torch.nn.Module, data: Any, **kwargs: Any) -> Any:
+        outputs = module(data, **kwargs)
+        if poisoned in outputs:
+            outputs[poisoned] = outputs[poisoned] * float("nan")
+        return outputs
+
+    ctx = make_ctx(nonfinite="skip")
+    ctx.forward_fn = forward
+    before = copy.deepcopy(model.state_dict())
+    metrics = strategy.train_step(model, gan_batches(1, 4, 0)[0], ctx)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    if poisoned == "discriminator_loss":  # the batch is out of both phases: nothing moves
+        assert moved == set() and metrics == {}
+    else:  # the critic stepped first; the generator's phase dropped the batch
+        assert moved == {k for k in before if k.startswith("discriminator")}
+        assert set(metrics) == {"discriminator_loss"}
+    assert ctx.progress.skipped_steps == 1 and strategy.windows == 1
