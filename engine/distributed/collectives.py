@@ -7,10 +7,12 @@ the same order: the strategies and the loop guarantee it. A failed or hung rank 
 pending collective fail with a ``DistributedError`` naming the operation (at once when the failed
 process ends, otherwise at the process group's timeout), never hang.
 
-Parameters are not wrapped in ``DistributedDataParallel``: strategies average gradients
-explicitly, once per optimiser step and per parameter group, after all backward passes of the
-step (DDP synchronises only the first backward after a forward, which silently lets multi-loss
-models diverge across ranks).
+Gradients are averaged by DDP, one ``DistributedDataParallel`` per role, during the backward
+(``engine/distributed/replication.py``). ``start_gradient_average``/``average_gradients`` here
+average a group's gradients explicitly after its backwards: the replication's fallback for a
+window that ends with local gradients (a skipped last micro-batch), and the reference the
+scaling benchmark compares DDP with. Update-flag, non-finite and stop agreements
+(``all_ranks_agree``, ``any_rank``) stay ours.
 """
 
 from __future__ import annotations
