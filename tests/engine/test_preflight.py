@@ -389,3 +389,38 @@ def test_the_preflight_forward_changes_no_state(training: bool, with_grad: bool,
 
 def _call(model: nn.Module, batch: Any, **kwargs: Any) -> Any:
     return model(batch, **kwargs)
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def _readme_strategy() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Writing a strategy", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_strategy_trains_resumes_and_honours_accumulation_and_clipping(
+    tmp_path: Path,
+) -> None:
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(compile(_readme_strategy(), "README.md", "exec"), namespace)
+    make = namespace["Denoising"]
+
+    def fit(epochs: int, resume: Any = None, lr: float = 1e-2) -> Any:
+        engine = _engine(
+            tmp_path,
+            make(OptimizerSpec("Adam", lr=lr)),
+            [Checkpointing(best_k=0, durable=False)],
+            epochs=epochs,
+            accumulate_steps=2,
+            grad_clip_norm=1.0,
+        )
+        return engine.fit(TinyRegressor(), {"data": torch.randn(16, 4)}, resume=resume)
+
+    first = fit(1)
+    resumed = fit(2, resume="last", lr=5e-3)
+    assert len(resumed.history) == 2 and first.run_dir == resumed.run_dir
+    log = (resumed.run_dir / "train.log").read_text()
+    assert "does not declare" not in log
+    assert "lr 0.01 -> 0.005" in log
