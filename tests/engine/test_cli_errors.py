@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -206,3 +207,39 @@ def test_ctrl_c_is_one_line_with_the_step_and_the_resume_command(tmp_path: Path)
     assert last.endswith(f"; resume with: strategy-engine resume {run_dir}")
     step = int(last.removeprefix("interrupted at step ").split(";")[0])
     assert step > 0
+
+
+class MultiLineLog:
+    """A callback whose log record spans lines (a config's ``[[callbacks]]`` factory)."""
+
+    def on_epoch_end(self, run: Any) -> None:
+        run.log.info("first line\nsecond line")
+        try:
+            raise ValueError("inside\nan error")
+        except ValueError:
+            run.log.exception("with a traceback")
+
+
+@pytest.mark.slow
+def test_a_run_logged_to_a_file_has_no_progress_bar_and_one_record_per_line(
+    tmp_path: Path,
+) -> None:
+    """Default callbacks (the progress bar included), stderr a pipe as in CI: no carriage-return
+    updates there; train.log one timestamped record per line, whatever the messages hold."""
+    path = config(
+        tmp_path,
+        callbacks=[{"name": "tests.engine.test_cli_errors:MultiLineLog"}],
+        engine={
+            "epochs": 2,
+            "batch_size": 8,
+            "output_dir": (tmp_path / "runs").as_posix(),
+            "run_name": "r",
+        },
+    )
+    done = cli("fit", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = (tmp_path / "runs" / "r" / "train.log").read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ", line) for line in lines)
+    assert sum("first line | second line" in line for line in lines) == 2
+    assert sum("[ValueError: inside | an error]" in line for line in lines) == 2
