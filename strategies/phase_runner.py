@@ -20,6 +20,12 @@ is non-finite (on any rank) is dropped from that phase and every later phase of 
 counts once as skipped. Under a GradScaler the GradScaler is updated after each phase that
 stepped: a role may step twice in a window (its main and its lazy regulariser phase), and each
 phase's backward is scaled anew.
+
+Across ranks (``engine/distributed/replication.py``) a phase's backward of its last batch
+averages the role's gradients as it runs (the others accumulate locally, as DDP's ``no_sync``).
+A lazy regulariser phase never does: its penalty need not reach every parameter of the role
+(R1 does not reach the discriminator's last bias), which DDP's reducer, armed by the role's main
+phase, would refuse; its gradients are averaged explicitly before its step instead.
 """
 
 from __future__ import annotations
@@ -115,7 +121,8 @@ class PhaseRunner:
             step.record(phase, terms, outputs, self.metrics, ctx)
             flag = read_flag(outputs, f"update_{phase.role}", ctx)
             if all_ranks_agree([flag], ctx.world)[0]:
-                backward_isolated([(update, terms.total(phase, ctx))], ctx)
+                sync = not phase.is_lazy and index == len(step.batches) - 1
+                backward_isolated([(update, terms.total(phase, ctx))], ctx, sync=sync)
         if step_update(update, ctx) and ctx.scaler is not None:
             ctx.scaler.update()
 

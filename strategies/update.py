@@ -110,7 +110,10 @@ def skip_step(updates: Sequence[Update], ctx: StepContext) -> dict[str, torch.Te
 
 
 def backward_isolated(
-    pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext, every_group: bool = False
+    pairs: Sequence[tuple[Update, torch.Tensor]],
+    ctx: StepContext,
+    every_group: bool = False,
+    sync: bool | None = None,
 ) -> None:
     """Accumulate into each group the gradient of its own loss only.
 
@@ -126,6 +129,8 @@ def backward_isolated(
     ``every_group`` says that ``pairs`` holds every group of the strategy (which together cover
     all trainable parameters): then one loss shared by all of them is back-propagated without
     ``inputs=``, which reaches the same parameters and spares autograd's input bookkeeping.
+    ``sync`` says whether these backwards average the gradients over the ranks as they run
+    (``engine/distributed/replication.py``); by default, those of the window's last micro-batch.
     """
     merged: list[tuple[torch.Tensor, list[Update]]] = []
     for update, loss in pairs:
@@ -141,7 +146,7 @@ def backward_isolated(
             loss = loss / ctx.micro_count
         if ctx.scaler is not None:
             loss = ctx.scaler.scale(loss)
-        with gradient_sync(sharers, loss, ctx, ctx.is_update_step):
+        with gradient_sync(sharers, loss, ctx, ctx.is_update_step if sync is None else sync):
             if every_group and len(merged) == 1:
                 loss.backward()
             else:
