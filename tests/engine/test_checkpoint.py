@@ -189,10 +189,73 @@ def test_a_foreign_strategy_is_refused(tmp_path: Path) -> None:
         Engine(strategy, config).fit(model, data(10), resume="last")
 
 
-def test_a_changed_data_order_is_refused_naming_the_field(tmp_path: Path) -> None:
-    _train(tmp_path)
-    with pytest.raises(CheckpointError, match=r"batch_size=4; this run has batch_size=5"):
-        _resume(tmp_path, batch_size=5)
+@pytest.mark.parametrize(
+    ("field", "saved", "changed"),
+    [
+        ("batch_size", 4, 5),
+        ("seed", 0, 1),
+        ("shuffle", True, False),
+        ("drop_last", False, True),
+        ("accumulate_steps", 1, 2),
+    ],
+)
+def test_a_changed_data_order_is_refused_naming_the_field(
+    tmp_path: Path, field: str, saved: Any, changed: Any
+) -> None:
+    """Each field that decides which samples a step sees must match, or the resumed run would
+    silently train on another order: refused naming the field and both values."""
+    run_dir = _train(tmp_path, **{field: saved})
+    before = _folder_bytes(run_dir)
+    with pytest.raises(
+        CheckpointError, match=rf"{field}={saved!r}; this run has {field}={changed!r}"
+    ):
+        _resume(tmp_path, **{field: changed})
+    assert _folder_bytes(run_dir) == before
+
+
+class Renamed(torch.nn.Module):
+    """TinyRegressor's parameters under other names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other = torch.nn.Linear(3, 3)
+
+    def forward(self, batch: Any, **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"]
+        return {"loss": (self.other(x) - x).pow(2).mean()}
+
+
+class WithoutBias(torch.nn.Module):
+    """TinyRegressor without its bias: the checkpoint's ``linear.bias`` is unexpected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3, bias=False)
+
+    def forward(self, batch: Any, **_: Any) -> dict[str, torch.Tensor]:
+        x = batch["data"]
+        return {"loss": (self.linear(x) - x).pow(2).mean()}
+
+
+@pytest.mark.parametrize(
+    ("make_model", "message"),
+    [
+        (Renamed, r"missing keys \['other.bias', 'other.weight'\], unexpected keys \['linear"),
+        (WithoutBias, r"missing keys \[\], unexpected keys \['linear.bias'\]"),
+        (lambda: TinyRegressor(3).double(), r"'linear.(weight|bias)' is .*float32 there.*float64"),
+    ],
+    ids=["renamed", "unexpected-key", "dtype"],
+)
+def test_a_foreign_model_state_is_our_error_naming_the_keys_or_dtypes(
+    tmp_path: Path, make_model: Any, message: str
+) -> None:
+    """Other parameter names, a parameter fewer, or another dtype: a ``CheckpointError`` (not a
+    raw ``KeyError`` or ``RuntimeError`` from loading) before anything is written."""
+    run_dir = _train(tmp_path)
+    before = _folder_bytes(run_dir)
+    with pytest.raises(CheckpointError, match=message):
+        _resume(tmp_path, make_model())
+    assert _folder_bytes(run_dir) == before
 
 
 def test_resume_arguments_that_name_nothing_are_refused(tmp_path: Path) -> None:

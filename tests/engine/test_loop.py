@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,12 +20,14 @@ from engine import (
     DataError,
     Engine,
     EngineConfig,
+    Event,
     ModelOutputError,
     NonFiniteLossError,
     OptimizerSpec,
     StrategyError,
 )
 from strategies import Standard
+from tests.engine.checkpoint_cases import equal
 from tests.helpers import PythaeStyleAE, TinyRegressor, same_tensors, snapshot
 
 
@@ -78,42 +82,117 @@ def test_pythae_style_model_trains_and_its_loss_falls() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
+class Stochastic(nn.Module):
+    """Draws from the torch RNG in training and in evaluation (dropout, and a VAE-style sampled
+    code whose noise reaches the loss and so the parameters), keeps BatchNorm statistics, and
+    remembers each forward's mode with the phase it ran in (``modes``: ``phase`` is set by the
+    test, e.g. "train" or "eval")."""
+
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(features, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, features)
+        )
+        self.log_sigma = nn.Parameter(torch.full((features,), -1.0))
+        self.modes: list[tuple[str | None, bool]] = []
+        self.phase: str | None = None
+
+    def forward(self, batch: Any, **_: Any) -> dict[str, torch.Tensor]:
+        self.modes.append((self.phase, self.training))
+        x = batch["data"] if isinstance(batch, dict) else batch
+        code = self.body(x)
+        sampled = code + torch.randn_like(code) * self.log_sigma.exp()
+        return {"loss": (sampled - x.flip(-1)).pow(2).mean()}
+
+
+def _every_rng() -> tuple[torch.Tensor, Any, Any]:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _same_rng(a: tuple[torch.Tensor, Any, Any], b: tuple[torch.Tensor, Any, Any]) -> bool:
+    numpy_same = a[2][0] == b[2][0] and np.array_equal(a[2][1], b[2][1]) and a[2][2:] == b[2][2:]
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and numpy_same
+
+
 @settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 1000), samples=st.integers(2, 30))
-def test_evaluation_changes_no_parameter_optimizer_state_or_rng(seed: int, samples: int) -> None:
+@given(
+    seed=st.integers(0, 1000),
+    samples=st.integers(8, 30),
+    eval_batch=st.integers(1, 9),
+    mode=st.sampled_from(["train", "eval"]),
+)
+def test_evaluation_changes_no_state_enters_eval_mode_and_restores_the_mode(
+    seed: int, samples: int, eval_batch: int, mode: str
+) -> None:
+    """After a fit (optimiser state exists), ``evaluate`` on a model with dropout, BatchNorm
+    and sampling noise: every forward ran in eval mode; parameters, buffers (BatchNorm running
+    statistics), optimiser state and every random stream are as before; the model is back in
+    the mode it had (each submodule too)."""
     torch.manual_seed(seed)
-    model, data = TinyRegressor(), torch.randn(samples, 4)
-    engine = _engine(epochs=1, batch_size=4)
+    model, data = Stochastic(), torch.randn(samples, 4)
+    engine = _engine(epochs=1, batch_size=4, drop_last=True, eval_batch_size=eval_batch)
     engine.fit(model, data)
+    model.train(mode == "train")
+    modes_before = [module.training for module in model.modules()]
     optimizer_state = copy.deepcopy(engine.strategy.state_dict())
-    params = snapshot(model)
-    rng = torch.get_rng_state()
+    state = snapshot(model)
+    streams = _every_rng()
+    model.modes.clear()
     engine.evaluate(model, data)
-    assert same_tensors(params, snapshot(model))
-    assert torch.equal(rng, torch.get_rng_state())
-    after = engine.strategy.state_dict()["updates"]["model"]["optimizer"]["state"]
-    before = optimizer_state["updates"]["model"]["optimizer"]["state"]
-    assert all(same_tensors(before[k], after[k]) for k in before)
+    assert model.modes and all(not training for _, training in model.modes), model.modes
+    assert [module.training for module in model.modules()] == modes_before
+    assert same_tensors(state, snapshot(model))  # parameters and BatchNorm buffers
+    assert _same_rng(streams, _every_rng())
+    assert equal(engine.strategy.state_dict(), optimizer_state)
 
 
-def test_evaluation_inside_fit_does_not_shift_the_training_rng() -> None:
-    class Noisy(nn.Module):  # a stand-in for a VAE that samples in eval too
-        def __init__(self) -> None:
-            super().__init__()
-            self.regressor = TinyRegressor()
+class Phases:
+    """Tells the model which phase its forwards run in: training steps and evaluations."""
 
-        def forward(self, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-            out = self.regressor(batch)
-            out["loss"] = out["loss"] + 0.01 * torch.randn(()).abs()
-            return out
+    def __init__(self, model: Stochastic) -> None:
+        self.model = model
 
+    def on_batch_start(self, run: Any) -> None:
+        self.model.phase = "train"
+
+    def on_eval_start(self, run: Any) -> None:
+        self.model.phase = "eval"
+
+    def on_batch_end(self, run: Any) -> None:
+        self.model.phase = None
+
+    on_eval_end = on_batch_end
+
+
+def test_evaluation_inside_fit_does_not_shift_the_training_rng_and_keeps_the_modes() -> None:
+    """The model samples noise in training (it reaches the parameters through the loss) and in
+    evaluation: with evaluation every epoch, training ends bitwise where it ends without any.
+    Evaluation's forwards run in eval mode, training's in train mode."""
     data = torch.randn(16, 4)
     torch.manual_seed(0)
-    with_eval, without_eval = Noisy(), Noisy()
+    with_eval, without_eval, shifted_model = Stochastic(), Stochastic(), Stochastic()
     without_eval.load_state_dict(with_eval.state_dict())
-    _engine(epochs=3, batch_size=4).fit(with_eval, data, data)
+    shifted_model.load_state_dict(with_eval.state_dict())
+    engine = Engine(
+        Standard(OptimizerSpec("Adam", lr=0.05)),
+        EngineConfig(epochs=3, batch_size=4, output_dir=None),
+        [Phases(with_eval)],
+    )
+    engine.fit(with_eval, data, data)
     _engine(epochs=3, batch_size=4).fit(without_eval, data)
     assert same_tensors(snapshot(with_eval), snapshot(without_eval))
+    evaluating = [training for phase, training in with_eval.modes if phase == "eval"]
+    training = [training for phase, training in with_eval.modes if phase == "train"]
+    assert len(evaluating) == 3 * 4 and not any(evaluating)
+    assert len(training) == 3 * 4 and all(training)
+    # The check can fail: one extra draw from the training stream moves the parameters.
+    shifted = Engine(
+        Standard(OptimizerSpec("Adam", lr=0.05)),
+        EngineConfig(epochs=3, batch_size=4, output_dir=None),
+    )
+    shifted.on(Event.EPOCH_END, lambda run: torch.rand(1), once=1)
+    shifted.fit(shifted_model, data)
+    assert not same_tensors(snapshot(shifted_model), snapshot(without_eval))
 
 
 @settings(max_examples=10, deadline=None)
