@@ -195,3 +195,36 @@ def test_fp16_resume_restores_the_grad_scaler(tmp_path: Path) -> None:
     assert last_a.training_state["scaler"] == last_c.training_state["scaler"]
     assert equal(model_a.state_dict(), model_c.state_dict())
     assert equal(last_a.training_state["strategy"], last_c.training_state["strategy"])
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4])
+def test_mid_epoch_resume_of_data_gathered_per_batch_replays_no_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    """Data above the shuffled-copy limit (lowered to 0 here) is gathered batch by batch; a run
+    cut after ``cut`` steps of an epoch and resumed ends bitwise where the uninterrupted one
+    does (a replayed or skipped batch would move it)."""
+    monkeypatch.setattr("engine.data.batches._SHUFFLED_COPY_LIMIT", 0)
+    train = data(13)
+
+    def run(name: str, max_steps: int | None, resume: str | None, seed: int) -> Any:
+        model, strategy = make_case("standard", seed)
+        config = EngineConfig(
+            epochs=2,
+            batch_size=3,
+            max_steps=max_steps,
+            log_every=2,
+            device="cpu",
+            output_dir=tmp_path,
+            run_name=name,
+        )
+        result = Engine(strategy, config, [Checkpointing(every_n_steps=1, durable=False)]).fit(
+            model, train, resume=resume
+        )
+        return model, result
+
+    reference, expected = run("a", None, None, seed=0)
+    run("b", cut, None, seed=0)
+    resumed, result = run("b", None, "last", seed=1)
+    assert equal(reference.state_dict(), resumed.state_dict())
+    assert without_seconds(expected.history) == without_seconds(result.history)

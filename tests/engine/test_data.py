@@ -112,6 +112,33 @@ def test_restart_inside_an_epoch_continues_the_same_order(
     assert [_ids(b) for b in batches.epoch(3, start=start)] == full[start:]
 
 
+@pytest.mark.parametrize("limit", [None, 0], ids=["shuffled copy", "gathered per batch"])
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 50),
+    batch_size=st.integers(1, 9),
+    start=st.integers(0, 12),
+    epoch=st.integers(0, 3),
+)
+def test_both_in_memory_paths_give_the_same_batches_and_restart_where_asked(
+    limit: int | None, n: int, batch_size: int, start: int, epoch: int
+) -> None:
+    """In-memory data above a size limit (512 MiB) is gathered batch by batch instead of from
+    a shuffled copy; the limit is lowered to 0 here to take that path with small data. Both
+    give the same batches, and a restart inside an epoch (a mid-epoch resume) continues with
+    the batch it was asked for, replaying none."""
+    data = {"id": torch.arange(n), "x": torch.randn(n, 2)}
+    copied = [_ids(b) for b in _batches(data, batch_size=batch_size).epoch(epoch)]
+    with pytest.MonkeyPatch.context() as patch:
+        if limit is not None:
+            patch.setattr("engine.data.batches._SHUFFLED_COPY_LIMIT", limit)
+        batches = _batches(data, batch_size=batch_size)
+        full = [_ids(b) for b in batches.epoch(epoch)]
+        restarted = [_ids(b) for b in batches.epoch(epoch, start=start)]
+    assert full == copied
+    assert restarted == full[start:]
+
+
 def test_same_order_on_the_fast_path_and_the_dataset_path() -> None:
     fast = [_ids(b) for b in _batches(torch.arange(23), batch_size=5).epoch(2)]
     loader = [_ids(b) for b in _batches(MapDataset(23), batch_size=5).epoch(2)]

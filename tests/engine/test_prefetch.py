@@ -1,12 +1,17 @@
 """Device placement and one-batch-ahead prefetch (``engine/data/prefetch.py``).
 
-The CUDA path is checked here on the CPU with the CUDA stream API mocked: what matters is the
-order of operations (copy ``i + 1`` issued before batch ``i`` is used; the compute stream waits
-on each batch's copy event, never the host). With a GPU, the real path runs as well.
+The CUDA path is checked here on the CPU with the CUDA API replaced by a recording fake
+(``FakeCuda``): streams and events log what is done to them, and a tensor's copy "to CUDA" is a
+CPU clone that logs its ``non_blocking`` flag and whether it was issued on the side stream. What
+matters is the order of operations (copy ``i + 1`` issued before batch ``i`` is used; the
+compute stream waits on each batch's copy event, never the host), that every copy is
+``non_blocking``, and that the host path (pinned host data, gathered and copied batch by batch)
+gives the very batches the on-device path gives. With a GPU, the real path runs as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -40,56 +45,122 @@ def test_move_to_device_keeps_structure_and_leaves_non_tensors() -> None:
     assert len(tensors_of(moved)) == 2
 
 
-class _CudaLog:
-    """Mocks of the CUDA stream API that write what is called, in order, to ``log``."""
+class FakeCuda:
+    """The CUDA API as ``prefetch.py`` uses it, recording into ``log`` in order: ``copy <b>``
+    (an event recorded after batch b's copies), ``wait <b>`` (the compute stream waits on it),
+    and per tensor moved to CUDA ``to non_blocking=<flag> side_stream=<flag>``."""
 
     def __init__(self) -> None:
         self.log: list[str] = []
-        log = self.log
-        self.compute = mock.MagicMock(name="compute")
-        self.compute.wait_event.side_effect = lambda event: log.append(f"wait {event.tag}")
+        self.on_side_stream = False
         self.copies = 0
+        self.compute = mock.MagicMock(name="compute stream")
+        self.compute.wait_event.side_effect = lambda event: self.log.append(f"wait {event.tag}")
+        self.moved: list[tuple[bool, bool]] = []  # (non_blocking, on the side stream)
 
-        def make_event() -> Any:
-            event = mock.MagicMock(name="event")
-            event.tag = self.copies
-            event.record.side_effect = lambda stream: log.append(f"copy {event.tag}")
-            self.copies += 1
-            return event
+    def event(self) -> Any:
+        event = mock.MagicMock(name="event")
+        event.tag = self.copies
+        event.record.side_effect = lambda stream: self.log.append(f"copy {event.tag}")
+        self.copies += 1
+        return event
 
-        self.patches = [
-            mock.patch("torch.cuda.Stream", return_value=mock.MagicMock(name="copy_stream")),
+    @contextlib.contextmanager
+    def stream(self, stream: Any) -> Iterator[None]:
+        self.on_side_stream = True
+        try:
+            yield
+        finally:
+            self.on_side_stream = False
+
+    def patches(self) -> list[Any]:
+        original_to = torch.Tensor.to
+        fake = self
+
+        def to(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            device = torch._C._nn._parse_to(*args, **kwargs)[0]
+            if device is None or device.type != "cuda":
+                return original_to(tensor, *args, **kwargs)
+            fake.moved.append((bool(kwargs.get("non_blocking", False)), fake.on_side_stream))
+            return tensor.clone()  # stands for the copy on the GPU
+
+        return [
+            mock.patch("torch.cuda.Stream", return_value=mock.MagicMock(name="copy stream")),
             mock.patch("torch.cuda.current_stream", return_value=self.compute),
-            mock.patch("torch.cuda.stream", return_value=mock.MagicMock()),
-            mock.patch("torch.cuda.Event", side_effect=make_event),
+            mock.patch("torch.cuda.stream", side_effect=self.stream),
+            mock.patch("torch.cuda.Event", side_effect=self.event),
+            mock.patch("torch.cuda.mem_get_info", return_value=(0, 8 * 2**30)),
+            mock.patch.object(torch.Tensor, "to", to),
+            mock.patch.object(torch.Tensor, "record_stream", lambda tensor, stream: None),
+            mock.patch.object(torch.Tensor, "pin_memory", lambda tensor, *a, **k: tensor),
+            mock.patch.object(torch.Tensor, "is_pinned", lambda tensor, *a, **k: False),
         ]
+
+
+@contextlib.contextmanager
+def fake_cuda() -> Iterator[FakeCuda]:
+    fake = FakeCuda()
+    with contextlib.ExitStack() as stack:
+        for patch in fake.patches():
+            stack.enter_context(patch)
+        yield fake
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 5])
 def test_cuda_prefetch_issues_the_next_copy_before_the_current_batch_is_used(count: int) -> None:
-    cuda = _CudaLog()
-
-    def source() -> Iterator[int]:
+    def source(fake: FakeCuda) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(count):
-            cuda.log.append(f"pull {i}")
-            yield i  # not a tensor: move_to_device passes it through
+            fake.log.append(f"pull {i}")
+            yield {"data": torch.full((2, 3), float(i)), "index": torch.tensor([i, i])}
 
-    for patch in cuda.patches:
-        patch.start()
-    try:
-        for batch in prefetch_to_device(source(), CUDA):
-            cuda.log.append(f"use {batch}")
-    finally:
-        for patch in cuda.patches:
-            patch.stop()
+    with fake_cuda() as fake:
+        for batch in prefetch_to_device(source(fake), CUDA):
+            fake.log.append(f"use {int(batch['index'][0])}")
     for i in range(count):
-        used = cuda.log.index(f"use {i}")
-        assert cuda.log.index(f"copy {i}") < cuda.log.index(f"wait {i}") < used
+        used = fake.log.index(f"use {i}")
+        assert fake.log.index(f"copy {i}") < fake.log.index(f"wait {i}") < used
         if i + 1 < count:
-            assert cuda.log.index(f"copy {i + 1}") < used, cuda.log
-    assert [entry for entry in cuda.log if entry.startswith("use")] == [
+            assert fake.log.index(f"copy {i + 1}") < used, fake.log
+    assert [entry for entry in fake.log if entry.startswith("use")] == [
         f"use {i}" for i in range(count)
     ]
+    # Every tensor of every batch was copied once, non_blocking, on the side stream.
+    assert fake.moved == [(True, True)] * (2 * count)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    batch_size=st.integers(1, 9),
+    shuffle=st.booleans(),
+    epoch=st.integers(0, 3),
+    start=st.integers(0, 5),
+)
+def test_host_data_prefetched_to_cuda_gives_the_batches_of_the_on_device_path(
+    n: int, batch_size: int, shuffle: bool, epoch: int, start: int
+) -> None:
+    """Data too large for the device (free memory faked to 0) stays on the host, pinned, and
+    each batch is gathered there and copied ahead; the batches are those the on-device path
+    (here: the CPU itself) cuts, in the same order, from any restart position."""
+    data = {"data": torch.randn(n, 3), "index": torch.arange(n)}
+    options: dict[str, Any] = dict(
+        name="training",
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=False,
+        seed=1,
+        world=World(),
+    )
+    on_device = list(make_batches(data, device=torch.device("cpu"), **options).epoch(epoch, start))
+    with fake_cuda() as fake:
+        batches = make_batches(data, device=CUDA, **options)
+        assert batches.leaves[0].device.type == "cpu"  # kept on the host
+        prefetched = list(batches.epoch(epoch, start))
+    assert len(prefetched) == len(on_device)
+    for got, want in zip(prefetched, on_device):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want)
+    assert fake.moved == [(True, True)] * (2 * len(on_device))
 
 
 def test_fits_on_device_uses_half_the_free_cuda_memory() -> None:
@@ -99,22 +170,6 @@ def test_fits_on_device_uses_half_the_free_cuda_memory() -> None:
         assert fits_on_device(data, CUDA)
     with mock.patch("torch.cuda.mem_get_info", return_value=(1999, 8000)):
         assert not fits_on_device(data, CUDA)
-
-
-def test_data_kept_on_the_host_is_still_batched_in_the_same_order() -> None:
-    data = {"data": torch.arange(10.0).unsqueeze(1)}
-    kwargs: dict[str, Any] = dict(
-        name="training",
-        batch_size=3,
-        shuffle=True,
-        drop_last=False,
-        seed=1,
-        device=torch.device("cpu"),
-        world=World(),
-    )
-    on = [b["data"] for b in make_batches(data, on_device=True, **kwargs).epoch(2)]
-    off = [b["data"] for b in make_batches(data, on_device=False, **kwargs).epoch(2)]
-    assert all(torch.equal(a, b) for a, b in zip(on, off)) and len(on) == len(off) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
