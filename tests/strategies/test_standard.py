@@ -92,14 +92,24 @@ def test_epoch_scheduler_and_logged_learning_rate() -> None:
     assert [round(row["lr/model"], 6) for row in result.history] == [1.0, 0.1, 0.01]
 
 
-def test_plateau_scheduler_reads_its_monitored_metric() -> None:
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("min", [0.1, 0.1, 0.1, 0.1]), ("max", [0.1, 0.1, 0.05, 0.025])]
+)
+def test_plateau_scheduler_reads_its_monitored_metric(mode: str, expected: list[float]) -> None:
+    """Full-batch SGD makes the training loss fall every epoch: watched in "min" mode it always
+    improves (the lr stays); in "max" mode it never does after the first epoch, so the lr halves
+    at every later epoch's end (the lr logged with epoch e is the one that epoch trained with)."""
+    torch.manual_seed(0)
     strategy = Standard(
-        OptimizerSpec("SGD", lr=0.0),
-        scheduler=SchedulerSpec("ReduceLROnPlateau", monitor="train/loss", patience=0, factor=0.5),
+        OptimizerSpec("SGD", lr=0.1),
+        scheduler=SchedulerSpec(
+            "ReduceLROnPlateau", monitor="train/loss", mode=mode, patience=0, factor=0.5
+        ),
     )
-    _, result = _fit(TinyRegressor(), torch.randn(4, 4), strategy, epochs=3, batch_size=4)
-    # lr 0 keeps the loss flat: no improvement after the first epoch, so it halves from then on
-    assert result.history[-1]["lr/model"] == 0.0
+    _, result = _fit(TinyRegressor(), torch.randn(4, 4), strategy, epochs=4, batch_size=4)
+    losses = [row["train/loss"] for row in result.history]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert [round(row["lr/model"], 6) for row in result.history] == expected
     strategy = Standard(
         OptimizerSpec("SGD", lr=1e-3),
         scheduler=SchedulerSpec("ReduceLROnPlateau", monitor="train/los"),
