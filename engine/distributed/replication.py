@@ -67,6 +67,7 @@ import attrs
 import torch
 from loguru import logger
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.context import StepContext
@@ -76,7 +77,7 @@ from engine.distributed.collectives import (
     average_gradients,
     collective,
 )
-from engine.errors import DistributedError
+from engine.errors import DistributedError, StrategyError
 
 # DDP's default bucket size.
 BUCKET_CAP_MB = 25.0
@@ -215,8 +216,18 @@ def gradient_sync(
     ``sync``: average the gradients over the ranks during this backward (the window's last
     backward into these roles); otherwise they accumulate locally (``no_sync``). Free in one
     process. A collective failure inside the backward (another rank died or timed out) becomes
-    a ``DistributedError`` naming this rank.
+    a ``DistributedError`` naming this rank. Parameters sharded by FSDP2 are refused (a
+    backward with ``inputs=`` shards would silently give them no gradient): their backward is
+    ``engine/distributed/sharding.py``'s.
     """
+    for holder in holders:
+        if holder.params and isinstance(holder.params[0], DTensor):
+            raise StrategyError(
+                f"the parameters of role {holder.role!r} are FSDP2 shards (DTensor): an "
+                "isolated backward(inputs=...) would give them no gradient, silently; shard "
+                "through engine/distributed/sharding.py (sharded_backward drops the leaked "
+                "gradients instead)"
+            )
     world = ctx.world
     if not world.is_distributed:
         yield

@@ -1,0 +1,245 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``), opt-in, for models whose parameters,
+gradients and optimiser state do not fit one device.
+
+``shard_model`` shards a placed model (every rank holding rank 0's weights) on a ``DeviceMesh``:
+1-D over all ranks, or 2-D ``(replicate, shard)`` for HSDP (shard within a node, replicate
+across nodes). Units, innermost first: every submodule whose class is named in
+``ShardingPlan.blocks`` (a VAE's residual blocks, a transformer's layers), then each role's
+submodule that exists (``encoder``, ``decoder``, ``discriminator``: so no unit mixes roles of
+the default parameter groups), then the root. Each unit's parameters become ``DTensor`` shards;
+a unit's parameters are all-gathered before its forward and its gradients reduce-scattered
+(averaged) during the backward, overlapping the rest of it. ``param_dtype="bf16"`` is the
+precision path under FSDP: ``MixedPrecisionPolicy`` (bf16 parameters in compute, fp32
+reduction, fp32 sharded master weights) instead of autocast.
+
+Isolation under sharding. ``loss.backward(inputs=<sharded parameters>)`` silently produces no
+gradient: the graph holds the unsharded parameters FSDP all-gathered, not the sharded ones the
+optimiser steps. ``sharded_backward`` therefore runs a plain backward and drops what it leaked
+into the other roles: during the backward every other trainable parameter's gradient is set
+aside (``None``), so FSDP writes the leak into a fresh tensor, which is discarded when the
+set-aside gradients are put back. Each role's gradient is exactly the average over the ranks of
+its own loss's gradient. The price is compute and reduce-scatters for the other roles'
+gradients in each backward.
+
+Accumulation. Every micro-batch's backward reduce-scatters (FSDP's ``no_sync`` would keep the
+unsharded gradients, model-sized, on every rank, and would accumulate the leaks where they can
+not be told apart); the sharded gradients accumulate.
+
+Model methods used outside ``forward`` (a decoder's ``logits``, ``sample()``) do not all-gather
+by themselves: name them in ``ShardingPlan.forward_methods`` (dotted for a submodule's,
+``"decoder.logits"``) and they are registered with FSDP; a name the model lacks is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import attrs
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+from torch.distributed.tensor import DTensor
+
+from engine.config.validators import Check, is_bool, one_of, optional
+from engine.distributed.collectives import World
+from engine.errors import ConfigError, DistributedError
+
+ROLE_MODULES = ("encoder", "decoder", "discriminator")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _as_tuple(value: object) -> object:
+    """A list (from a config file) as a tuple; anything else as it is, for the check."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+_NAMES = Check(
+    "a tuple of non-empty names",
+    lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v),
+)
+_MESH = optional(
+    Check(
+        "(shard,) or (replicate, shard), positive integers",
+        lambda v: (
+            isinstance(v, tuple)
+            and len(v) in (1, 2)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        ),
+    )
+)
+
+
+@attrs.frozen
+class ShardingPlan:
+    """How ``shard_model`` shards: ``blocks`` (module class names sharded as their own units),
+    ``mesh`` (None: 1-D over every rank; ``(replicate, shard)``: HSDP), ``param_dtype``
+    (``"bf16"``: mixed precision with fp32 reduction), ``reshard_after_forward`` (free the
+    gathered parameters after each unit's forward: less memory, one more all-gather in the
+    backward) and ``forward_methods`` (model methods run outside ``forward``)."""
+
+    blocks: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_NAMES)
+    mesh: tuple[int, ...] | None = attrs.field(default=None, converter=_as_tuple, validator=_MESH)
+    param_dtype: str | None = attrs.field(default=None, validator=optional(one_of(*_DTYPES)))
+    reshard_after_forward: bool = attrs.field(default=True, validator=is_bool)
+    forward_methods: tuple[str, ...] = attrs.field(
+        default=(), converter=_as_tuple, validator=_NAMES
+    )
+
+
+@attrs.define(eq=False)
+class Sharding:
+    """A sharded model: its mesh, its FSDP units (innermost first, the root last) and its
+    trainable parameters (the sharded ones the optimisers step)."""
+
+    model: nn.Module
+    mesh: DeviceMesh
+    units: list[nn.Module]
+    trainable: list[nn.Parameter]
+
+
+def build_mesh(plan: ShardingPlan, world: World, device: torch.device) -> DeviceMesh:
+    """The plan's mesh over ``world``; a shape whose product is not the world size, or FSDP in
+    one process without a process group, is an error naming it."""
+    if not world.is_distributed:
+        raise DistributedError(
+            "FSDP shards the model across the ranks of a process group; this is one process "
+            "(launch with torchrun, e.g. `torchrun --nproc-per-node=2 train.py`)"
+        )
+    shape = plan.mesh or (world.world_size,)
+    if math.prod(shape) != world.world_size:
+        raise ConfigError(
+            f"mesh {shape} has {math.prod(shape)} ranks but the world has {world.world_size}"
+        )
+    names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+    return init_device_mesh(device.type, shape, mesh_dim_names=names)
+
+
+def shard_model(
+    model: nn.Module, plan: ShardingPlan, world: World, device: torch.device
+) -> Sharding:
+    """Shard ``model`` (placed on ``device``, identical on every rank) in place; what the
+    plan names that the model lacks is an error before anything is sharded."""
+    _check_methods(model, plan.forward_methods)
+    units = _units(model, plan)
+    mesh = build_mesh(plan, world, device)
+    policy = (
+        MixedPrecisionPolicy(param_dtype=_DTYPES[plan.param_dtype], reduce_dtype=torch.float32)
+        if plan.param_dtype is not None
+        else MixedPrecisionPolicy()
+    )
+    for unit in units:
+        if any(p.requires_grad for p in unit.parameters()):
+            fully_shard(
+                unit,
+                mesh=mesh,
+                mp_policy=policy,
+                reshard_after_forward=plan.reshard_after_forward,
+            )
+    for path in plan.forward_methods:
+        owner_path, _, method = path.rpartition(".")
+        register_fsdp_forward_method(model.get_submodule(owner_path), method)
+    sharded: list[nn.Module] = [unit for unit in model.modules() if isinstance(unit, FSDPModule)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return Sharding(model, mesh, sharded, trainable)
+
+
+def _units(model: nn.Module, plan: ShardingPlan) -> list[nn.Module]:
+    """The modules to shard, innermost first: the plan's blocks, the role submodules, the
+    root. A block name that matches no module class is an error naming the classes."""
+    units: list[nn.Module] = [
+        module
+        for module in model.modules()
+        if module is not model and type(module).__name__ in plan.blocks
+    ]
+    missing = sorted(set(plan.blocks) - {type(unit).__name__ for unit in units})
+    if missing:
+        present = sorted({type(m).__name__ for m in model.modules()})
+        raise ConfigError(
+            f"FSDP blocks {missing} name no module class of {type(model).__name__}; "
+            f"its classes are {present}"
+        )
+    units.reverse()  # children before their parents
+    taken = {id(unit) for unit in units}
+    for name in ROLE_MODULES:
+        role = getattr(model, name, None)
+        if isinstance(role, nn.Module) and id(role) not in taken:
+            units.append(role)
+    units.append(model)
+    return units
+
+
+def _check_methods(model: nn.Module, paths: Sequence[str]) -> None:
+    for path in paths:
+        owner_path, _, method = path.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path)
+        except AttributeError:
+            owner = None
+        if owner is None or not callable(getattr(owner, method, None)):
+            raise ConfigError(
+                f"FSDP forward method {path!r}: {type(model).__name__} has no method "
+                f"{method!r} at {owner_path or 'the root'}"
+            )
+        if owner_path and not isinstance(owner, nn.Module):
+            raise ConfigError(f"FSDP forward method {path!r}: {owner_path!r} is not a module")
+
+
+@contextlib.contextmanager
+def sharded_backward(sharding: Sharding, own: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Around a plain ``loss.backward()``: only ``own`` parameters keep what it writes.
+
+    Every other trainable parameter's gradient is set aside during the backward and put back
+    after it, so the gradient the backward leaked into it is dropped; ``own`` accumulate.
+    """
+    mine = {id(param) for param in own}
+    others = [param for param in sharding.trainable if id(param) not in mine]
+    kept = [param.grad for param in others]
+    for param in others:
+        param.grad = None
+    try:
+        yield
+    finally:
+        for param, grad in zip(others, kept):
+            param.grad = grad
+
+
+def is_sharded(params: Sequence[torch.Tensor]) -> bool:
+    """Whether ``params`` are FSDP2's sharded parameters (``DTensor``)."""
+    return bool(params) and isinstance(params[0], DTensor)
+
+
+def local_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
+    """Bytes this rank holds for ``tensors`` (a DTensor's local shard)."""
+    total = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        total += local.numel() * local.element_size()
+    return total
+
+
+def training_bytes(
+    params: Sequence[nn.Parameter], optimizers: Sequence[torch.optim.Optimizer]
+) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimiser state."""
+    state = [
+        value
+        for optimizer in optimizers
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor)
+    ]
+    return {
+        "parameters": local_bytes(list(params)),
+        "gradients": local_bytes([p.grad for p in params]),
+        "optimizer": local_bytes(state),
+    }
