@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine import ConfigError
@@ -238,9 +238,13 @@ _junk = st.recursive(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(data=st.data())
-def test_malformed_configs_fail_with_our_error_before_training(data: Any, tmp_path: Path) -> None:
-    """Replace, delete or add one value anywhere in a valid config: checking and building
-    either succeed or raise ConfigError, never anything else; and the CLI prints one line."""
+def test_malformed_configs_fail_with_our_error_before_training(
+    data: Any, tmp_path: Path, capsys: Any
+) -> None:
+    """Replace, delete or add one value anywhere in a valid config. Checking and building it
+    either succeed or raise ConfigError, never anything else. The CLI then either trains it (a
+    short run: ``engine.max_steps=2``), exit 0, or refuses it with exactly one ``error:`` line,
+    exit 2, no traceback and nothing written; whatever building refused, the CLI refuses."""
     raw: dict[str, Any] = json.loads(json.dumps(VALID))
     paths = _paths(raw)
     path = data.draw(st.sampled_from(paths))
@@ -258,10 +262,28 @@ def test_malformed_configs_fail_with_our_error_before_training(data: Any, tmp_pa
 
     try:
         build(resolve_config(raw))
+        refused_by_build = False
     except ConfigError:
-        config_path = tmp_path / "malformed.json"
-        config_path.write_text(json.dumps(raw))
-        assert main(["fit", str(config_path)]) == 2
+        refused_by_build = True
+    case = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
+    case.mkdir()
+    config_path = case / "malformed.json"
+    config_path.write_text(json.dumps(raw))
+    out = case / "out"
+    capsys.readouterr()
+    code = main(
+        ["fit", str(config_path), "--set", "engine.max_steps=2",
+         "--set", f'engine.output_dir="{out.as_posix()}"']
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    event(f"exit {code}")
+    if code == 0:
+        assert not refused_by_build, f"built with ConfigError, but the CLI trained {raw}"
+        return
+    assert code == 2, f"exit {code} for {raw}: {err[-2000:]}"
+    assert err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
+    assert "Traceback" not in err
+    assert not out.exists(), f"a refused config wrote {sorted(out.rglob('*'))}"
 
 
 VALID = {
