@@ -11,17 +11,20 @@ Three parts, each on N spawned ranks (gloo on the CPU, one thread per rank; nccl
   PyTorch's DCGAN example), and ``Engine.fit`` end to end (DDP per role plus the engine's own
   work: data, metrics, events). Two workloads: an 8.4M-parameter MLP autoencoder (one role,
   ``Standard``) and the same with a 0.5M-parameter discriminator (two roles, ``Adversarial``).
+  FSDP2 (``fully_shard`` per linear layer, ``engine/distributed/sharding.py``) is timed beside.
 * ``overlap``: on the 8.4M-parameter autoencoder with 4 MiB buckets, when the first bucket's
   all-reduce starts relative to the end of the backward's computation (the last gradient
   written): negative means communication overlaps the backward. Also the backward's
   computation time and how long the step waits for communication after it ("exposed").
+* ``memory``: bytes each rank holds for parameters, gradients and Adam state after a step of
+  the two-role MLP, under DDP per role and under FSDP2 (``fully_shard`` per linear layer).
 * ``weak``: weak scaling, 1 vs N processes with the same per-rank batch (throughput per
   process and efficiency = throughput(N) / (N x throughput(1))) for small models.
 
 Times are wall-clock medians over ``--repeats`` interleaved repeats. On a shared CPU they are
 noisy; compare the rows of one run. Run from the repository root::
 
-    python benchmarks/scaling.py                  # paths and overlap on 2 CPU ranks
+    python benchmarks/scaling.py                  # paths, overlap, memory on 2 CPU ranks
     python benchmarks/scaling.py --parts weak     # weak scaling, 1 and 2 processes
     python benchmarks/scaling.py --device cuda --procs 2   # on a machine with 2 GPUs
     python benchmarks/scaling.py --tiny           # seconds: checks that it runs
@@ -58,6 +61,7 @@ from engine.data.batches import batch_bounds, epoch_order
 from engine.distributed.collectives import World, average_gradients, current_world
 from engine.distributed.replication import RoleReplica, finish_window, gradient_sync
 from engine.distributed.session import join_process_group, leave_process_group
+from engine.distributed.sharding import ShardingPlan, shard_model, sharded_backward, training_bytes
 from engine.state import Progress
 from examples.models import VAE, AdversarialAE
 from strategies import Adversarial, Standard
@@ -139,7 +143,8 @@ def step_context(world: World, device: torch.device) -> StepContext:
 
 class Trainer:
     """One way of averaging gradients around the same isolated step; ``step(x)`` trains one
-    batch. ``mechanism``: ``per_role`` (the engine's), ``previous``, ``per_model_ddp``."""
+    batch. ``mechanism``: ``per_role`` (the engine's), ``previous``, ``per_model_ddp``,
+    ``fsdp`` (``fully_shard`` per linear layer, plain backward, leaks dropped)."""
 
     def __init__(
         self,
@@ -154,6 +159,10 @@ class Trainer:
         self.model = MlpGan(width, hidden, critic=gan).to(device)
         self.mechanism, self.world = mechanism, current_world()
         self.ctx = step_context(self.world, device)
+        self.sharding = None
+        if mechanism == "fsdp":
+            plan = ShardingPlan(blocks=("Linear",))
+            self.sharding = shard_model(self.model, plan, self.world, device)
         generator, discriminator = self.model.generator, self.model.discriminator
         self.roles = {"generator": Role("generator", list(generator.parameters()))}
         if discriminator is not None:
@@ -191,7 +200,10 @@ class Trainer:
         return {"generator": "autoencoder_loss", "discriminator": "discriminator_loss"}
 
     def step(self, x: torch.Tensor) -> None:
-        losses = self.model.losses(x, self.generator, self.discriminator)
+        if self.sharding is not None:  # through the root's forward, as FSDP wants
+            losses = self.model({"data": x})
+        else:
+            losses = self.model.losses(x, self.generator, self.discriminator)
         keys = self.keys()
         self.backward_started = time.perf_counter()
         self.sync_started = None
@@ -202,6 +214,9 @@ class Trainer:
             if self.mechanism == "per_role":
                 with gradient_sync([role], losses[key], self.ctx, sync=True):
                     losses[key].backward(inputs=inputs, retain_graph=retain)
+            elif self.sharding is not None:
+                with sharded_backward(self.sharding, role.params):
+                    losses[key].backward(retain_graph=retain)
             else:
                 losses[key].backward(inputs=inputs, retain_graph=retain)
         for role in self.roles.values():
@@ -284,12 +299,20 @@ def time_engine(
     return clock.seconds * 1000.0 / args.steps
 
 
-PATHS = ("DDP per role (engine)", "previous path", "hand-written per-model DDP", "Engine.fit")
+PATHS = (
+    "DDP per role (engine)",
+    "previous path",
+    "hand-written per-model DDP",
+    "FSDP2 per layer",
+    "Engine.fit",
+)
 MECHANISMS = {
     "DDP per role (engine)": "per_role",
     "previous path": "previous",
     "hand-written per-model DDP": "per_model_ddp",
+    "FSDP2 per layer": "fsdp",
 }
+OVERLAP = ("DDP per role (engine)", "previous path", "hand-written per-model DDP")
 
 
 def measure_paths(
@@ -339,7 +362,7 @@ def measure_overlap(
     compute, first all-reduce launch relative to its start and end, the exposed wait."""
     results: dict[str, list[dict[str, float]]] = {}
     for repeat in range(args.repeats):
-        names = list(MECHANISMS)
+        names = list(OVERLAP)
         for path in names[repeat % 3 :] + names[: repeat % 3]:
             trainer = Trainer(MECHANISMS[path], False, device, 4.0, args.width, args.hidden)
             stamps = Stamps()
@@ -371,6 +394,32 @@ def measure_overlap(
                         "buckets": float(len(stamps.buckets) or 1),
                     }
                 )
+    return results
+
+
+# ------------------------------------------------------------------ memory
+
+
+def measure_memory(
+    args: argparse.Namespace, device: torch.device, data: torch.Tensor
+) -> dict[str, dict[str, int]]:
+    """This rank's bytes of parameters, gradients and Adam state after one step of the
+    two-role MLP, under DDP per role and under FSDP2."""
+    results = {}
+    for path in ("DDP per role (engine)", "FSDP2 per layer"):
+        trainer = Trainer(MECHANISMS[path], True, device, 25.0, args.width, args.hidden)
+        trainer.step(data[0])
+        losses = trainer.model({"data": data[1]})
+        for name, key in trainer.keys().items():
+            role = trainer.roles[name]
+            if trainer.sharding is not None:
+                with sharded_backward(trainer.sharding, role.params):
+                    losses[key].backward(retain_graph=True)
+            else:
+                with gradient_sync([role], losses[key], trainer.ctx, sync=True):
+                    losses[key].backward(inputs=role.params, retain_graph=True)
+        params = [p for role in trainer.roles.values() for p in role.params]
+        results[path] = training_bytes(params, list(trainer.optimizers.values()))
     return results
 
 
@@ -476,6 +525,8 @@ def _rank_main(
             result = measure_paths(args, device, data)
         elif part == "overlap":
             result = measure_overlap(args, device, data)
+        elif part == "memory":
+            result = measure_memory(args, device, data)
         else:
             result = measure_weak(args, device)
         if rank == 0:
@@ -547,6 +598,25 @@ def report_overlap(
     return lines
 
 
+def report_memory(results: dict[str, dict[str, int]], nprocs: int) -> list[str]:
+    ddp = sum(results["DDP per role (engine)"].values())
+    lines = [
+        f"Memory per rank, {nprocs} ranks, two-role MLP after a step: MiB of parameters, "
+        "gradients and Adam state (local shards under FSDP2)",
+        "",
+        "| path | parameters | gradients | optimiser state | total | / DDP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path, parts in results.items():
+        mib = {key: value / 2**20 for key, value in parts.items()}
+        total = sum(parts.values())
+        lines.append(
+            f"| {path} | {mib['parameters']:.1f} | {mib['gradients']:.1f} | "
+            f"{mib['optimizer']:.1f} | {total / 2**20:.1f} | {total / ddp:.2f} |"
+        )
+    return lines
+
+
 def report_weak(medians: dict[int, dict[str, float]], args: argparse.Namespace) -> list[str]:
     lines = [
         "Weak scaling (small models, batch per rank fixed)",
@@ -571,7 +641,10 @@ def report_weak(medians: dict[int, dict[str, float]], args: argparse.Namespace) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--parts", nargs="+", default=["paths", "overlap"], choices=["paths", "overlap", "weak"]
+        "--parts",
+        nargs="+",
+        default=["paths", "overlap", "memory"],
+        choices=["paths", "overlap", "memory", "weak"],
     )
     parser.add_argument("--procs", type=int, nargs="+", default=[2], help="ranks (weak: 1 N)")
     parser.add_argument("--batch", type=int, default=32, help="per rank")
@@ -610,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "overlap":
                 size = size_of(MlpGan(args.width, args.hidden, critic=False))
                 lines = report_overlap(_spawn(part, nprocs, args, out), nprocs, size)
+            elif part == "memory":
+                lines = report_memory(_spawn(part, nprocs, args, out), nprocs)
             else:
                 counts = sorted({1, *args.procs})
                 medians = {
