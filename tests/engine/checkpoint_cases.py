@@ -13,7 +13,7 @@ from strategies import Standard
 from tests.strategies.builders import build
 from tests.strategies.toy import CoupledToy
 
-KINDS = ("standard", "adversarial", "two_phase", "coupled", "coupled_adversarial")
+KINDS = ("standard", "adversarial", "two_phase", "sequential", "coupled", "coupled_adversarial")
 FEATURES = 3
 
 
@@ -42,7 +42,7 @@ def make_case(kind: str, seed: int, n_critic: int = 1) -> tuple[nn.Module, Any]:
         else OptimizerSpec("SGD", lr=1e-2, momentum=0.9)
         for role in ("generator", "discriminator", "encoder", "decoder")
     }
-    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase") else {}
+    options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase", "sequential") else {}
     case = build(kind, CoupledToy(features=FEATURES), specs, **options)
     return case.model, case.strategy
 

@@ -101,7 +101,8 @@ def test_resumed_run_equals_uninterrupted_run(
     train = data(samples)
     # Two-phase GANs log the generator's loss only in its windows (maybe none in an epoch):
     # monitor the discriminator's, present in every epoch.
-    monitor = {"monitor": "train/discriminator_loss"} if kind == "two_phase" else {}
+    two_phase = kind in ("two_phase", "sequential")
+    monitor = {"monitor": "train/discriminator_loss"} if two_phase else {}
     steps_per_epoch = math.ceil(samples / batch_size)
     total = steps_per_epoch * epochs
     k = 1 + int(where * (total - 1))  # interruption after step k (1..total)
