@@ -297,6 +297,12 @@ class EpochSamples:
         self.epochs: list[list[int]] = []
         self.eval_epochs: list[list[int]] = []
 
+    def on_fit_start(self, run: Any) -> None:
+        """Forget the pre-flight forward (engine/preflight.py: one eval-mode batch before the
+        first step), which is no evaluation."""
+        self.model.seen.clear()
+        self.model.eval_seen.clear()
+
     def on_epoch_end(self, run: Any) -> None:
         self.epochs.append(list(self.model.seen))
         self.eval_epochs.append(list(self.model.eval_seen))
