@@ -11,7 +11,7 @@ TEST_EXTRAS ?= dev,examples,plots,tensorboard,mlflow,wandb,compat
 EXTRAS_demo = $(DEMO_EXTRAS)
 EXTRAS_test = $(TEST_EXTRAS)
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean mutation-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Breaks each guarantee in a scratch copy and checks its tests fail (slow; not part of `make test`).
+mutation-check: $(VENV)/.installed-test
+	$(PY) tests/mutations.py
 
 # The suite measures pythae, Ignite and Lightning only where they are installed (not by default).
 bench: $(VENV)/.installed-test
