@@ -180,6 +180,13 @@ def _rewrite_marker(folder: Path) -> None:
     (folder / "COMPLETE").write_text(json.dumps(marker))
 
 
+class UsedAndUnused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(3, 3)
+        self.unused = torch.nn.Linear(3, 3)
+
+
 def test_a_parameter_that_never_had_a_gradient_has_no_optimiser_state_after_loading(
     tmp_path: Path,
 ) -> None:
@@ -187,11 +194,9 @@ def test_a_parameter_that_never_had_a_gradient_has_no_optimiser_state_after_load
     state; torch's loader would give it a fresh one (step 1, zero moments), which changes what
     Adam does the first time it gets a gradient."""
 
-    def build() -> tuple[torch.nn.Module, dict[str, torch.optim.Optimizer]]:
+    def build() -> tuple[UsedAndUnused, dict[str, torch.optim.Optimizer]]:
         torch.manual_seed(0)
-        model = torch.nn.Module()
-        model.used = torch.nn.Linear(3, 3)
-        model.unused = torch.nn.Linear(3, 3)
+        model = UsedAndUnused()
         params = list(model.parameters())
         return model, {"model": OptimizerSpec("Adam", lr=0.1).build(params, torch.device("cpu"))}
 
