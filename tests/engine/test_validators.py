@@ -149,7 +149,11 @@ def _bad_values(root: Path) -> dict[str, st.SearchStrategy[Any]]:
         "monitor_mode": st.text(max_size=4).filter(lambda v: v not in ("min", "max")),
         "num_workers": st.one_of(st.integers(max_value=-1), _not_int),
         "data_on_device": _not_bool,
-        "compile": _not_bool,
+        "compile": st.one_of(
+            st.integers(2, 9),
+            st.none(),
+            st.text(max_size=5).filter(lambda v: v not in ("model", "step")),
+        ),
         "output_dir": st.one_of(
             st.just(str(run_file)), st.just(str(run_file / "below")), st.integers(), st.just("")
         ),
