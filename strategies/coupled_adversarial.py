@@ -58,4 +58,7 @@ class CoupledAdversarial:
 
     setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
     supports = SUPPORTS_ALL  # accumulation and clipping, through strategies/update.py
+    # A discriminator's or generator's loss says nothing of quality: no best-by-loss checkpoint
+    # unless the user names a monitor (eval/fid, a reconstruction loss...).
+    loss_is_quality = False
     train_step, eval_step, predict_step = ONE_FORWARD

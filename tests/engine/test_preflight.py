@@ -31,7 +31,7 @@ from engine import (
 from engine.preflight import SUPPORTS_ALL, default_monitor, first_forward
 from engine.run_setup import make_context
 from engine.state import Progress
-from strategies import Adversarial, Standard
+from strategies import Adversarial, CoupledAdversarial, Standard
 from strategies.update import UpdateSpec, apply_updates, backward_isolated, build_update
 from tests.helpers import EventRecorder, TinyRegressor, same_tensors, snapshot
 
@@ -330,15 +330,12 @@ def test_a_strategy_whose_loss_is_no_quality_measure_keeps_no_best(tmp_path: Pat
     assert (again.run_dir / "model_best.pt").is_file()
 
 
-@pytest.mark.xfail(
-    not hasattr(Adversarial, "loss_is_quality"),
-    reason="strategies/adversarial.py must declare loss_is_quality = False",
-    strict=True,
-)
 def test_adversarial_strategies_monitor_nothing_by_default() -> None:
     adam = OptimizerSpec("Adam")
     for two_phase in (False, True):
         assert default_monitor(Adversarial(adam, adam, two_phase=two_phase), True) is None
+    vaegan = CoupledAdversarial(encoder=adam, decoder=adam, discriminator=adam)
+    assert default_monitor(vaegan, True) is None
 
 
 def test_best_k_0_writes_no_model_best(tmp_path: Path) -> None:
