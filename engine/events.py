@@ -81,6 +81,10 @@ class Event(enum.Enum):
     FIT_END = "fit_end"
     EXCEPTION = "exception"
 
+    # Members are singletons compared by identity, so identity is a valid hash; it spares the
+    # bus a Python-level ``Enum.__hash__`` call on each dispatch.
+    __hash__ = object.__hash__
+
     @property
     def method_name(self) -> str:
         """The method a callback object defines to receive this event."""
@@ -120,12 +124,21 @@ def _filtered(handler: Handler, every: int | None, once: int | None) -> Handler:
     return run_filtered
 
 
+@attrs.define(eq=False)
+class Handlers:
+    """The handlers of one event, in dispatch order. The bus replaces ``handlers`` (a tuple) at
+    each subscription and never the holder, so a loop may fetch the holder once and test
+    ``holder.handlers`` per batch: with no subscriber a batch costs no call at all."""
+
+    handlers: tuple[Handler, ...] = ()
+
+
 class EventBus:
     """Handlers per event, sorted once at subscription; ``fire`` just calls them in order."""
 
     def __init__(self) -> None:
         self._entries: dict[Event, list[tuple[int, int, Handler]]] = {e: [] for e in Event}
-        self._dispatch: dict[Event, tuple[Handler, ...]] = {e: () for e in Event}
+        self._dispatch: dict[Event, Handlers] = {e: Handlers() for e in Event}
         self._count = 0
 
     def subscribe(self, subscription: Subscription) -> None:
@@ -134,7 +147,7 @@ class EventBus:
         entries.append((-subscription.priority, self._count, handler))
         self._count += 1
         entries.sort(key=lambda entry: (entry[0], entry[1]))
-        self._dispatch[subscription.event] = tuple(entry[2] for entry in entries)
+        self._dispatch[subscription.event].handlers = tuple(entry[2] for entry in entries)
 
     def add(self, callback: Any) -> None:
         """Subscribe a ``Subscription`` or every ``on_<event>`` method of a callback object."""
@@ -157,8 +170,12 @@ class EventBus:
             self.add(callback)
 
     def handlers(self, event: Event) -> tuple[Handler, ...]:
+        return self._dispatch[event].handlers
+
+    def holder(self, event: Event) -> Handlers:
+        """The live holder of ``event``'s handlers (see ``Handlers``), for the per-batch loop."""
         return self._dispatch[event]
 
     def fire(self, event: Event, run: RunState) -> None:
-        for handler in self._dispatch[event]:
+        for handler in self._dispatch[event].handlers:
             handler(run)

@@ -42,7 +42,7 @@ from engine.distributed.session import process_group
 from engine.errors import StrategyError
 from engine.evaluation import evaluate_batches, predict_batches
 from engine.events import Event, EventBus, Handler, Subscription
-from engine.hardware.compiling import compile_model, compiled_backward_settings
+from engine.hardware.compiling import RunCompilation, compile_run
 from engine.hardware.device import resolve_device
 from engine.metrics import MetricBuffer, track_best
 from engine.preflight import preflight
@@ -163,9 +163,15 @@ class Engine:
     def _train(self, prepared: PreparedRun, model: torch.nn.Module) -> None:
         """FIT_START, the epochs, FIT_END; EXCEPTION on any error before it propagates."""
         run, config = prepared.run, self.config
-        step_model = compile_model(model) if config.compile else model
-        compiled = compiled_backward_settings(config.compile, len(self.strategy.loss_keys))
-        with log_file(run.run_dir), compiled:
+        compiled = compile_run(
+            config.compile,
+            model,
+            self.strategy.train_step,
+            len(self.strategy.loss_keys),
+            prepared.context.device,
+            config.accumulate_steps,
+        )
+        with log_file(run.run_dir), compiled.settings():
             try:
                 if run.is_main_process:
                     run.log.info(describe_start(model, config, run))
@@ -174,7 +180,7 @@ class Engine:
                     for warning in prepared.warnings:
                         run.log.warning(warning)
                 self.bus.fire(Event.FIT_START, run)
-                self._run_epochs(run, step_model, prepared)
+                self._run_epochs(run, compiled, prepared)
                 self.bus.fire(Event.FIT_END, run)
                 if run.is_main_process:
                     run.log.info(
@@ -186,43 +192,52 @@ class Engine:
                 self.bus.fire(Event.EXCEPTION, run)
                 raise
 
-    def _run_epochs(self, run: RunState, model: torch.nn.Module, prepared: PreparedRun) -> None:
+    def _run_epochs(self, run: RunState, compiled: RunCompilation, prepared: PreparedRun) -> None:
         for epoch in range(run.progress.epoch, self.config.epochs):
             started = time.perf_counter()
             self.bus.fire(Event.EPOCH_START, run)
-            if not self._train_epoch(run, model, prepared, epoch):
+            if not self._train_epoch(run, compiled, prepared, epoch):
                 return  # the partial epoch's metrics stay in run.metric_buffer for a checkpoint
-            self._end_epoch(run, model, prepared, epoch, started)
+            self._end_epoch(run, compiled.model, prepared, epoch, started)
             if self._stop_now(prepared.context.world, True) or self._at_max_steps(run):
                 return
 
     def _train_epoch(
-        self, run: RunState, model: torch.nn.Module, prepared: PreparedRun, epoch: int
+        self, run: RunState, compiled: RunCompilation, prepared: PreparedRun, epoch: int
     ) -> bool:
         """The batches of one epoch (from where a resumed run left it); false when the run
         stopped inside the epoch (``stop()`` or ``max_steps`` before its last batch)."""
         config, progress, ctx, fire = self.config, run.progress, prepared.context, self.bus.fire
-        train_step, buffer = self.strategy.train_step, run.metric_buffer or MetricBuffer()
+        model, train_step = compiled.model, compiled.train_step
+        buffer = run.metric_buffer or MetricBuffer()
         model.train()
         first = progress.batch_in_epoch
         steps_left = None if config.max_steps is None else config.max_steps - progress.step
         batches = prepared.train_batches.epoch(epoch, start=first)
+        world, log_every, max_steps = ctx.world, config.log_every, config.max_steps
         placed = epoch_windows(
-            batches, first, run.steps_per_epoch, steps_left, config.accumulate_steps, ctx.world
+            batches, first, run.steps_per_epoch, steps_left, config.accumulate_steps, world
         )
+        # Per batch, only what the batch needs: an event with no handler costs a truth test,
+        # and one process reads its own stop flag (tests/engine/test_hot_path.py counts calls).
+        starts, ends = self.bus.holder(Event.BATCH_START), self.bus.holder(Event.BATCH_END)
+        alone = not world.is_distributed
         for batch, micro_index, micro_count in placed:
-            fire(Event.BATCH_START, run)
+            if starts.handlers:
+                fire(Event.BATCH_START, run)
             ctx.micro_index, ctx.micro_count = micro_index, micro_count
             metrics = train_step(model, batch, ctx)
             buffer.add(progress.step, metrics)
             progress.step += 1
             progress.batch_in_epoch += 1
             run.step_metrics = metrics
-            at_log = progress.step % config.log_every == 0
+            at_log = progress.step % log_every == 0
             if at_log:
-                run.logged_metrics = buffer.flush(ctx.world)
-            fire(Event.BATCH_END, run)
-            if self._stop_now(ctx.world, at_log) or self._at_max_steps(run):
+                run.logged_metrics = buffer.flush(world)
+            if ends.handlers:
+                fire(Event.BATCH_END, run)
+            stop = self._stop_requested if alone else self._stop_now(world, at_log)
+            if stop or progress.step == max_steps:
                 return progress.batch_in_epoch == run.steps_per_epoch
         return True
 

@@ -1,8 +1,9 @@
 """Training metrics kept on the device and read once per log interval.
 
-A step only appends its detached metric tensors to a list; ``flush`` stacks them, reads them in
-one transfer per metric, checks they are finite, and folds them into the epoch's running sums.
-Under several processes, the sums and counts are added over the ranks before averaging.
+A step only appends its metric mapping (detached device tensors) to a list; ``flush`` groups
+them by key, stacks each key's values, sums them on the device and reads all the sums in one
+transfer, checks they are finite, and folds them into the epoch's running sums. Under several
+processes, the sums and counts are added over the ranks before averaging.
 """
 
 from __future__ import annotations
@@ -21,44 +22,48 @@ if TYPE_CHECKING:
 
 
 class MetricBuffer:
-    """Per-step metric tensors of the current interval, and float sums of the epoch."""
+    """Per-step metric tensors of the current interval, and float sums of the epoch.
+
+    ``add`` keeps a reference to the step's mapping (one append: it runs every step); the
+    mapping is read at the next ``flush`` and must not change in between (``RunState``'s
+    ``step_metrics`` is that same mapping, typed read-only).
+    """
 
     def __init__(self) -> None:
-        self._pending: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
+        self._entries: list[tuple[int, Mapping[str, torch.Tensor]]] = []
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
     def add(self, step: int, metrics: Mapping[str, torch.Tensor]) -> None:
-        for key, value in metrics.items():
-            entry = self._pending.get(key)
-            if entry is None:
-                entry = self._pending[key] = ([], [])
-            entry[0].append(value)
-            entry[1].append(step)
+        self._entries.append((step, metrics))
+
+    def _pending(self) -> dict[str, tuple[list[torch.Tensor], list[int]]]:
+        """The unread values and their steps, per key, in step order."""
+        pending: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
+        for step, metrics in self._entries:
+            for key, value in metrics.items():
+                entry = pending.get(key)
+                if entry is None:
+                    entry = pending[key] = ([], [])
+                entry[0].append(value)
+                entry[1].append(step)
+        return pending
 
     def flush(self, world: World) -> dict[str, float]:
         """Means over the pending steps (all ranks); raises on a non-finite value."""
-        keys = sorted(self._pending)
-        sums, counts = [], []
-        # A model may return some metrics on the host while it trains on a GPU: gather there.
-        device = self._pending[keys[0]][0][0].device if keys else None
-        for key in keys:
-            values, steps = self._pending[key]
-            stacked = torch.stack([value.float().to(device) for value in values])
-            if not bool(torch.isfinite(stacked).all()):
-                as_list = stacked.tolist()
-                bad = next(i for i, v in enumerate(as_list) if not math.isfinite(v))
-                raise NonFiniteLossError(
-                    f"metric {key!r} is {as_list[bad]} at step {steps[bad]}; set "
-                    "EngineConfig(nonfinite='skip') to skip such steps instead"
-                )
-            sums.append(stacked.sum())
-            counts.append(len(values))
-        self._pending.clear()
+        pending = self._pending()
+        self._entries.clear()
+        keys = sorted(pending)
         if not keys:
             return {}
-        totals = torch.stack(sums).double().cpu()
-        count_tensor = torch.tensor(counts, dtype=torch.float64)
+        # A model may return some metrics on the host while it trains on a GPU: gather there.
+        device = pending[keys[0]][0][0].device
+        stacked = {key: _stack(pending[key][0], device) for key in keys}
+        # One read for every key: a non-finite value makes its key's sum non-finite.
+        totals = torch.stack([stacked[key].sum() for key in keys]).double().cpu()
+        if not bool(torch.isfinite(totals).all()):
+            _raise_non_finite(keys, totals, stacked, pending)
+        count_tensor = torch.tensor([len(pending[key][0]) for key in keys], dtype=torch.float64)
         if world.is_distributed:
             both = sum_over_ranks(torch.cat([totals, count_tensor]).to(_collective_device()), world)
             totals, count_tensor = both.cpu().split(len(keys))
@@ -78,7 +83,7 @@ class MetricBuffer:
         return means
 
     def discard(self) -> None:
-        self._pending.clear()
+        self._entries.clear()
         self._sums.clear()
         self._counts.clear()
 
@@ -88,19 +93,52 @@ class MetricBuffer:
         return {
             "pending": {
                 key: {"values": torch.stack(values).detach().cpu(), "steps": list(steps)}
-                for key, (values, steps) in self._pending.items()
+                for key, (values, steps) in self._pending().items()
             },
             "sums": dict(self._sums),
             "counts": dict(self._counts),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self._pending = {
-            key: (list(entry["values"].to(device).unbind(0)), [int(s) for s in entry["steps"]])
-            for key, entry in state["pending"].items()
-        }
+        by_step: dict[int, dict[str, torch.Tensor]] = {}
+        for key, entry in state["pending"].items():
+            values = entry["values"].to(device).unbind(0)
+            for step, value in zip(entry["steps"], values):
+                by_step.setdefault(int(step), {})[key] = value
+        self._entries = sorted(by_step.items(), key=lambda item: item[0])
         self._sums = {key: float(value) for key, value in state["sums"].items()}
         self._counts = {key: int(value) for key, value in state["counts"].items()}
+
+
+def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``values`` as one float tensor on ``device``; each is converted only when they are not
+    all there already (the usual case is one stack, no per-value call)."""
+    try:
+        stacked = torch.stack(values)
+    except RuntimeError:  # values on several devices
+        return torch.stack([value.float().to(device) for value in values])
+    return stacked.float().to(device)
+
+
+def _raise_non_finite(
+    keys: list[str],
+    totals: torch.Tensor,
+    stacked: Mapping[str, torch.Tensor],
+    pending: Mapping[str, tuple[list[torch.Tensor], list[int]]],
+) -> None:
+    """The error naming the first key (sorted) with a non-finite value, the value, its step;
+    none when only a sum overflowed (finite values whose sum is not: reported as it is)."""
+    for key, total in zip(keys, totals.tolist()):
+        if math.isfinite(total):
+            continue
+        as_list = stacked[key].tolist()
+        bad = next((i for i, v in enumerate(as_list) if not math.isfinite(v)), None)
+        if bad is None:
+            continue
+        raise NonFiniteLossError(
+            f"metric {key!r} is {as_list[bad]} at step {pending[key][1][bad]}; set "
+            "EngineConfig(nonfinite='skip') to skip such steps instead"
+        )
 
 
 def _collective_device() -> torch.device:

@@ -85,9 +85,9 @@ def joint_updates(
     return JointUpdates(specs, groups, tuple(metrics), dict(every or {}), dict(lazy_ratios or {}))
 
 
-@attrs.frozen
+@attrs.define(eq=False)  # not frozen: torch.compile cannot trace a frozen attrs __init__
 class RoleStep:
-    """One role's part of one training step.
+    """One role's part of one training step (never changed once built).
 
     ``outputs`` are those of the forward that served the role, ``loss`` its loss, ``flag`` the
     forward's ``update_<role>`` (true when absent), agreed on by every rank, and ``scheduled``
@@ -138,9 +138,11 @@ class JointUpdates:
         return self._windows
 
     def scheduled(self, role: str) -> bool:
-        """Whether ``role``'s schedule lets it update in the current window."""
+        """Whether ``role``'s schedule lets it update in the current window. A role updating
+        every window does not read the window count (a compiled step would otherwise be
+        specialised to, and recompiled for, each count)."""
         every = self.every.get(role, 1)
-        return self._windows % every == every - 1
+        return every == 1 or self._windows % every == every - 1
 
     @property
     def updates(self) -> list[Update]:
@@ -270,11 +272,17 @@ class JointUpdates:
 def train_step_of(
     joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
 ) -> dict[str, torch.Tensor]:
-    """Train on the outputs of the forwards a step ran (keyed by role); its metrics."""
+    """Train on the outputs of the forwards a step ran (keyed by role); its metrics.
+
+    The metrics are detached before the backwards (the same values): then no live tensor
+    needs the graph after them, which lets ``compile="step"`` trace forward and backwards as
+    one graph (``engine/hardware/compiling.py``).
+    """
     steps = joint.read(outputs, ctx)
+    metrics = joint.step_metrics({role: step.loss for role, step in steps.items()}, outputs, ctx)
     if not joint.train(steps, ctx):
         return {}
-    return joint.step_metrics({role: step.loss for role, step in steps.items()}, outputs, ctx)
+    return metrics
 
 
 def eval_step_of(

@@ -78,9 +78,10 @@ class Standard:
                 f"loss {self.loss_key!r} does not depend on any trainable parameter (it has no "
                 f"grad_fn) at step {ctx.progress.step}"
             )
+        metrics = self._metrics(outputs, loss, ctx)  # before the backward: see joint.py
         backward_isolated([(update, loss)], ctx, every_group=True)
         apply_updates([update], ctx)
-        return self._metrics(outputs, loss, ctx)
+        return metrics
 
     def eval_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext

@@ -155,14 +155,40 @@ def backward_isolated(
                     if len(sharers) == 1
                     else [p for u in sharers for p in u.params]
                 )
-                loss.backward(inputs=params, retain_graph=index < last)
+                _backward_into(loss, params, retain_graph=index < last)
         for update in sharers:
             update.pending = True
 
 
+def _backward_into(
+    loss: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool
+) -> None:
+    """``loss.backward(inputs=params)``. Traced by ``compile="step"``, it is spelled out as
+    ``autograd.grad(allow_unused=True)`` and an accumulation: torch 2.13's dynamo traces
+    ``backward(inputs=...)`` as ``autograd.grad`` without ``allow_unused`` and so refuses a
+    parameter of the group that the loss does not reach, whose gradient backward leaves alone."""
+    if not torch.compiler.is_compiling():
+        loss.backward(inputs=params, retain_graph=retain_graph)
+        return
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    for param, grad in zip(params, grads):
+        if grad is None:
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+
+
 def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
     """At the end of an accumulation window, step every group that received gradients
-    (``step_update``); the GradScaler is updated once, after all groups."""
+    (``step_update``); the GradScaler is updated once, after all groups.
+
+    Under ``compile="step"`` this runs eagerly between the compiled graphs (fused optimiser
+    kernels; a compiled optimiser step would be recompiled for every fit's new optimisers:
+    ``engine/hardware/compiling.py``)."""
+    if torch.compiler.is_compiling():
+        return _apply_updates_eagerly(updates, ctx)
     if not ctx.is_update_step:
         return
     stepped = [step_update(update, ctx) for update in updates]
@@ -175,7 +201,10 @@ def step_update(update: Update, ctx: StepContext) -> bool:
 
     Order: average gradients over ranks, unscale (fp16), clip, step, zero, then its per-step
     scheduler. Returns whether it stepped; the caller updates the GradScaler after its steps.
+    Runs eagerly under ``compile="step"``, as ``apply_updates``.
     """
+    if torch.compiler.is_compiling():
+        return _step_update_eagerly(update, ctx)
     if not update.pending:
         return False
     update.pending = False
@@ -196,6 +225,10 @@ def step_update(update: Update, ctx: StepContext) -> bool:
     if update.scheduler is not None and update.spec.scheduler.interval == "step":  # type: ignore[union-attr]
         update.scheduler.step()
     return True
+
+
+_apply_updates_eagerly = torch.compiler.disable(apply_updates)
+_step_update_eagerly = torch.compiler.disable(step_update)
 
 
 def end_epoch_schedulers(updates: Sequence[Update], metrics: Mapping[str, float]) -> None:

@@ -50,6 +50,9 @@ class EngineConfig:
     files at all (no run folder, no ``train.log``).
     ``distributed_timeout_s`` bounds how long a rank waits for the others (joining the process
     group, any collective) before it stops with an error.
+    ``compile``: ``True`` or ``"model"`` compiles the model with ``torch.compile``; ``"step"``
+    compiles the strategy's whole training step, forwards and isolated backwards in one graph
+    (CUDA graphs on a GPU); see ``engine/hardware/compiling.py``.
     ``eval_with_grad`` runs evaluation and prediction with gradients on (still in eval mode, no
     optimiser touched, the RNG forked): for models whose loss calls ``torch.autograd.grad``
     (gradient penalties, HMC steps in HVAE/RHVAE); it costs the memory of a backward graph.
@@ -73,7 +76,9 @@ class EngineConfig:
     monitor_mode: MonitorMode = attrs.field(default="min", validator=min_or_max)
     num_workers: int = attrs.field(default=0, validator=non_negative_int)
     data_on_device: bool = attrs.field(default=True, validator=is_bool)
-    compile: bool = attrs.field(default=False, validator=is_bool)
+    compile: bool | Literal["model", "step"] = attrs.field(
+        default=False, validator=one_of(False, True, "model", "step")
+    )
     output_dir: Path | None = attrs.field(default=Path("runs"), converter=_optional_path)
     run_name: str | None = attrs.field(default=None, validator=optional(plain_folder_name))
     distributed_timeout_s: float = attrs.field(default=600.0, validator=finite_positive_number)

@@ -14,8 +14,9 @@ when their streams differ in length.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
-from itertools import islice
+from itertools import chain, islice, repeat
 from typing import Any
 
 import torch
@@ -51,17 +52,31 @@ def in_windows(
     ``start`` is the index in the epoch of the first batch ``batches`` yields; ``total`` the
     number of batches the epoch will run in all when known; ``limit`` an upper bound on it when
     not (from ``max_steps``), or None.
+
+    When the places are known in advance they are zipped to the batches by C iterators, so a
+    batch costs the loop no Python call here.
     """
     if total is not None:
-        for index, batch in enumerate(islice(batches, max(total - start, 0)), start):
-            window_start = index - index % k
-            yield batch, index - window_start, min(k, total - window_start)
-        return
+        indices, counts = _known_places(start, total, k)
+        return zip(islice(batches, max(total - start, 0)), indices, counts)
     if k == 1 and not world.is_distributed:
-        for batch in batches if limit is None else islice(batches, max(limit - start, 0)):
-            yield batch, 0, 1
-        return
-    yield from _read_ahead(batches, start, limit, k, world)
+        capped = batches if limit is None else islice(batches, max(limit - start, 0))
+        return zip(capped, repeat(0), repeat(1))
+    return _read_ahead(batches, start, limit, k, world)
+
+
+def _known_places(start: int, total: int, k: int) -> tuple[Iterator[int], Iterator[int]]:
+    """The ``micro_index`` and ``micro_count`` iterators of batches ``start..total-1``: index
+    ``i`` sits at ``i % k`` in a window of ``k``, but the last window (from ``total - total %
+    k``) holds only ``total % k`` batches when that is not zero."""
+    if k == 1:
+        return repeat(0), repeat(1)
+    indices = map(operator.mod, range(start, total), repeat(k))
+    last_start = total - total % k  # where a short last window starts (== total: none)
+    full = max(last_start - start, 0)
+    short = total - max(start, last_start)
+    counts = chain(repeat(k, full), repeat(total - last_start, short))
+    return indices, counts
 
 
 def _read_ahead(
