@@ -44,7 +44,7 @@ import torch
 
 from engine.config.specs import check_scheduler, role_specs
 from engine.context import StepContext
-from engine.data.batches import Batches
+from engine.data.batches import Batches, known_length
 from engine.data.prefetch import tensors_of
 from engine.errors import (
     CheckpointError,
@@ -107,6 +107,7 @@ def preflight(
     names = produced_names(metrics, strategy, callbacks, evaluates)
     monitor = config.monitor or default_monitor(strategy, evaluates)
     check_monitors(names, monitor, config.monitor is not None, strategy, callbacks, evaluates)
+    check_disc_start(strategy, config, known_length(train_batches))
     return Checked(monitor, names, capability_warnings(strategy, config))
 
 
@@ -124,6 +125,24 @@ def check_output_dir(output_dir: Path | None, run_dir: Path | None = None) -> No
         raise ConfigError(f"{key} {str(target)!r} can not be a folder: {str(existing)!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key} {str(target)!r} is not writable: {str(existing)!r} is read-only")
+
+
+def check_disc_start(strategy: Any, config: EngineConfig, steps_per_epoch: int | None) -> None:
+    """A strategy's ``disc_start`` (optimiser windows before the discriminator trains) falls
+    inside the run; a start the run never reaches would train no discriminator at all."""
+    start = getattr(strategy, "disc_start", 0)
+    if not start or steps_per_epoch is None:
+        return
+    windows_per_epoch = -(-steps_per_epoch // config.accumulate_steps)
+    windows = windows_per_epoch * config.epochs
+    if config.max_steps is not None:
+        windows = min(windows, -(-config.max_steps // config.accumulate_steps))
+    if start >= windows:
+        raise ConfigError(
+            f"disc_start={start} is beyond the run: it has {windows} optimiser window(s) "
+            f"({config.epochs} epoch(s) of {windows_per_epoch}, max_steps={config.max_steps}, "
+            f"accumulate_steps={config.accumulate_steps}), so the discriminator would never train"
+        )
 
 
 def check_schedulers(strategy: Any) -> None:

@@ -421,3 +421,44 @@ def test_the_readme_strategy_trains_resumes_and_honours_accumulation_and_clippin
     log = (resumed.run_dir / "train.log").read_text()
     assert "does not declare" not in log
     assert "lr 0.01 -> 0.005" in log
+
+
+class _TwoPhaseGAN(torch.nn.Module):
+    """A tiny two-phase GAN on 4 features: generator and discriminator losses by phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.nn.Linear(4, 4)
+        self.discriminator = torch.nn.Linear(4, 1)
+
+    def forward(self, batch: Any, phase: str | None = None, **_: Any) -> dict[str, torch.Tensor]:
+        x = batch if isinstance(batch, torch.Tensor) else batch["data"]
+        fake = self.generator(torch.randn_like(x))
+        out: dict[str, torch.Tensor] = {}
+        if phase in (None, "discriminator"):
+            d = self.discriminator
+            out["discriminator_loss"] = (d(fake.detach()) - d(x)).mean()
+        if phase in (None, "generator"):
+            out["autoencoder_loss"] = -self.discriminator(fake).mean()
+        return out
+
+
+@pytest.mark.parametrize(
+    ("disc_start", "max_steps", "refused"), [(4, None, True), (3, None, False), (2, 2, True)]
+)
+def test_disc_start_beyond_the_run_is_refused_before_any_file(
+    tmp_path: Path, disc_start: int, max_steps: int | None, refused: bool
+) -> None:
+    """16 samples in batches of 8 for 2 epochs: 4 optimiser windows (2 with max_steps=2)."""
+    adam = OptimizerSpec("Adam")
+    strategy = Adversarial(adam, adam, two_phase=True, disc_start=disc_start)
+    config = EngineConfig(
+        epochs=2, batch_size=8, max_steps=max_steps, output_dir=tmp_path, run_name="gan"
+    )
+    engine = Engine(strategy, config)
+    if refused:
+        with pytest.raises(ConfigError, match=rf"disc_start={disc_start} is beyond the run"):
+            engine.fit(_TwoPhaseGAN(), torch.randn(16, 4))
+        assert not (tmp_path / "gan").exists()
+    else:
+        engine.fit(_TwoPhaseGAN(), torch.randn(16, 4))
