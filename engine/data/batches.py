@@ -186,6 +186,10 @@ class LoaderBatches:
     device: torch.device
     sampler: EpochBatchSampler | None
     length: int | None
+    # The seed of the loaders we build: each epoch reseeds their private generator, so reading
+    # data never draws from the global random stream (a DataLoader without a generator takes
+    # one draw from it per epoch) and workers get seeds that depend on (seed, epoch) only.
+    seed: int | None = None
 
     def __len__(self) -> int:
         if self.length is None:
@@ -207,6 +211,8 @@ class LoaderBatches:
         return move_to_device(batch, self.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
+        if self.seed is not None and self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.seed * _SEED_STRIDE + epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start)
             skip = 0
@@ -341,7 +347,7 @@ def _dataset_batches(data: Dataset[Any], settings: BatchOptions) -> LoaderBatche
     bounds = _bounds_or_error(n, settings)
     sampler = EpochBatchSampler(n, bounds, settings.shuffle, settings.seed)
     loader = _loader(data, settings, sampler)
-    return LoaderBatches(loader, settings.device, sampler, len(bounds))
+    return LoaderBatches(loader, settings.device, sampler, len(bounds), settings.seed)
 
 
 def _stream_batches(data: IterableDataset[Any], settings: BatchOptions) -> LoaderBatches:
@@ -352,8 +358,9 @@ def _stream_batches(data: IterableDataset[Any], settings: BatchOptions) -> Loade
         drop_last=settings.drop_last,
         num_workers=settings.num_workers,
         pin_memory=settings.device.type == "cuda",
+        generator=torch.Generator(),
     )
-    return LoaderBatches(loader, settings.device, None, None)
+    return LoaderBatches(loader, settings.device, None, None, settings.seed)
 
 
 def _loader(data: Dataset[Any], settings: BatchOptions, sampler: EpochBatchSampler) -> Any:
@@ -362,6 +369,7 @@ def _loader(data: Dataset[Any], settings: BatchOptions, sampler: EpochBatchSampl
         batch_sampler=sampler,
         num_workers=settings.num_workers,
         pin_memory=settings.device.type == "cuda",
+        generator=torch.Generator(),
     )
 
 
