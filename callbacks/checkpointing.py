@@ -17,6 +17,14 @@ the end of an accumulation window, so that resuming from it continues exactly th
 
 Only the main process writes. Files: see ``engine/checkpoint/format.py``; plain weights exported as
 ``model_final.pt``/``model_best.pt`` (+ ``model_config.json``) in the run folder.
+
+Under FSDP2 (``ctx.sharding``) every save is sharded and collective
+(``engine/checkpoint/sharded.py``): each rank writes its own shards into rank 0's run folder
+(on several machines it must be a shared file system), rank 0 the other files and the marker;
+decisions made from the disk (is this a best?) are rank 0's, broadcast. Saves are written in
+place (no background thread). There is no checkpoint on an exception: a sharded save needs every
+rank, and the others may not be raising. ``model_final.pt``/``model_best.pt`` hold the full
+state in plain tensors (gathered to rank 0 where no checkpoint of that moment has it).
 """
 
 from __future__ import annotations
@@ -39,7 +47,13 @@ from engine.checkpoint.format import (
     remove_checkpoint,
     write_checkpoint,
 )
-from engine.checkpoint.state import capture, gather_rank_states
+from engine.checkpoint.sharded import agreed, full_model_state, save_sharded
+from engine.checkpoint.state import (
+    capture,
+    capture_sharded,
+    gather_rank_states,
+    strategy_optimizers,
+)
 from engine.checkpoint.writer import BackgroundWriter, snapshot
 from engine.config.validators import (
     is_bool,
@@ -51,6 +65,7 @@ from engine.config.validators import (
     plain_folder_name,
     positive_int,
 )
+from engine.distributed.collectives import World
 from engine.errors import ConfigError, NonFiniteLossError
 from engine.events import CHECKPOINT_PRIORITY
 from engine.state import RunState
@@ -122,6 +137,7 @@ class Checkpointing:
     _interrupts: InterruptHold = attrs.field(factory=InterruptHold, init=False)
     _config_exported: bool = attrs.field(default=False, init=False)
     _background: bool = attrs.field(default=False, init=False)
+    _sharded: bool = attrs.field(default=False, init=False)
 
     # ---------------------------------------------------------------- events
 
@@ -129,6 +145,9 @@ class Checkpointing:
         self._folder = None
         if run.is_main_process and run.run_dir is not None:
             self._folder = run.run_dir / self.directory
+        self._sharded = run.context is not None and run.context.sharding is not None
+        if self._sharded:  # every rank writes its shards into rank 0's folder
+            self._folder = agreed(self._folder, _world(run))
         self._step_open, self._step_due, self._epoch_due = None, False, None
         self._epoch_closing = False
         self._saved = _position(run)  # a resumed run starts where its checkpoint was saved
@@ -138,7 +157,9 @@ class Checkpointing:
         self._config_exported = False
         device = run.context.device.type if run.context is not None else "cpu"
         self._background = self.background if self.background is not None else device != "cpu"
-        if self._folder is not None and self.hold_interrupts and self.save_on_exception:
+        self._background = self._background and not self._sharded  # collective: in place
+        holds = self.hold_interrupts and self.save_on_exception and not self._sharded
+        if self._folder is not None and holds:
             self._interrupts.install()
 
     def on_epoch_start(self, run: RunState) -> None:
@@ -191,11 +212,12 @@ class Checkpointing:
         finally:
             self._writer.close()
         if self._folder is not None and self.export:
-            state = run.model.state_dict()
             source = self._saved_model if _position(run) == self._saved else None
-            run.paths["model_final"] = export_weights(
-                self._folder.parent / "model_final.pt", state, source, self.durable
-            )
+            state = self._model_state(run) if source is None else None
+            if run.is_main_process:
+                run.paths["model_final"] = export_weights(
+                    self._folder.parent / "model_final.pt", state, source, self.durable
+                )
             self._export_config(run)
 
     def on_exception(self, run: RunState) -> None:
@@ -205,6 +227,14 @@ class Checkpointing:
         except Exception as error:  # never hide the run's own error behind ours
             run.log.error(f"a checkpoint write failed: {type(error).__name__}: {error}")
         if self._folder is None or not self.save_on_exception:
+            return
+        if self._sharded:
+            if run.is_main_process:
+                run.log.warning(
+                    f"no checkpoint on {type(run.exception).__name__} under FSDP: a sharded save "
+                    "needs every rank, and the others may not be raising; the checkpoint of step "
+                    f"{self._saved[0] if self._saved else 'none'} stays the latest"
+                )
             return
         if isinstance(run.exception, NonFiniteLossError):
             run.log.warning(
@@ -249,7 +279,8 @@ class Checkpointing:
         names = self._periodic_names(f"epoch-{epoch:04d}") if due.periodic else []
         if due.value is not None and self.best_k > 0:
             self._writer.wait()  # the best folders on disk are complete before they are ranked
-            if self._qualifies(run, due.value):
+            qualifies = self._qualifies(run, due.value) if run.is_main_process else None
+            if agreed(qualifies, _world(run)) if self._sharded else qualifies:
                 names.append(f"{BEST_PREFIX}epoch-{epoch:04d}")
         if names and self.save_last and LAST not in names:
             names.insert(0, LAST)
@@ -257,11 +288,12 @@ class Checkpointing:
         if names:
             self._save(run, names, due.value, export_best, rank_states)
         elif export_best:
-            state = snapshot(run.model.state_dict())
+            state = snapshot(self._model_state(run))
             target = self._folder.parent / "model_best.pt"
             durable = self.durable
-            self._run_job(lambda: export_weights(target, state, None, durable))
-        if export_best:
+            if run.is_main_process:
+                self._run_job(lambda: export_weights(target, state, None, durable))
+        if export_best and run.is_main_process:
             run.paths["model_best"] = self._folder.parent / "model_best.pt"
             self._export_config(run)
 
@@ -281,6 +313,9 @@ class Checkpointing:
     ) -> None:
         folder = self._folder
         if folder is None or not names:
+            return
+        if self._sharded:
+            self._save_sharded(run, folder, names, value, export_best, rank_states)
             return
         model_state, training, meta = capture(run, run.engine.callbacks, value, rank_states)
         if run.config.nonfinite == "raise" and not _pending_finite(training):
@@ -305,6 +340,43 @@ class Checkpointing:
         self._saved = _position(run)
         self._saved_model = folder / names[0] / MODEL_FILE
         run.paths["checkpoint"] = folder / names[0]
+
+    def _save_sharded(
+        self,
+        run: RunState,
+        folder: Path,
+        names: list[str],
+        value: float | None,
+        export_best: bool,
+        rank_states: list[dict[str, Any]] | None,
+    ) -> None:
+        """``_save`` under FSDP2, on every rank: DCP shards per rank, the rest on rank 0."""
+        training, meta = capture_sharded(run, run.engine.callbacks, value, rank_states)
+        if run.config.nonfinite == "raise" and not _pending_finite(training):
+            if run.is_main_process:  # (every rank's unread metrics are in rank_states)
+                run.log.warning(
+                    f"checkpoint at step {run.progress.step} skipped: a loss since the last "
+                    "log interval is not finite"
+                )
+            return
+        optimizers = strategy_optimizers(run.strategy)
+        world = _world(run)
+        paths = save_sharded(
+            folder, names, run.model, optimizers, training, meta, world, self.durable
+        )
+        if run.is_main_process:
+            if export_best:
+                best = folder.parent / "model_best.pt"
+                export_weights(best, None, paths[0] / MODEL_FILE, self.durable)
+            self._prune_periodic(folder, names)
+            self._prune_best(folder, self._mode(run))
+            run.paths["checkpoint"] = folder / names[0]
+        self._saved = _position(run)
+        self._saved_model = folder / names[0] / MODEL_FILE
+
+    def _model_state(self, run: RunState) -> dict[str, torch.Tensor]:
+        """The model's full state to export (under FSDP gathered to rank 0: collective)."""
+        return full_model_state(run.model) if self._sharded else run.model.state_dict()
 
     def _run_job(self, job: Callable[[], Any]) -> None:
         if self._background:
@@ -383,13 +455,17 @@ class Checkpointing:
         return _window_reason(run)
 
     def _export_config(self, run: RunState) -> None:
-        """The model's config next to its exported weights, once per fit."""
-        if self._folder is None or self._config_exported:
+        """The model's config next to its exported weights, once per fit (rank 0)."""
+        if self._folder is None or self._config_exported or not run.is_main_process:
             return
         self._config_exported = True
         path = export_config(self._folder.parent / "model_config.json", run.model, self.durable)
         if path is not None:
             run.paths["model_config"] = path
+
+
+def _world(run: RunState) -> World:
+    return run.context.world if run.context is not None else World()
 
 
 def _gather_ranks(run: RunState) -> list[dict[str, Any]] | None:

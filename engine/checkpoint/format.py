@@ -21,6 +21,12 @@ marker is never loaded; ``latest_checkpoint`` also passes over one whose files d
 
 Reading verifies the marker's sizes and hashes before ``torch.load(weights_only=True)``: a
 truncated, corrupt or code-carrying file is refused with a ``CheckpointError`` naming it.
+
+Two kinds share this layout and its marker: ``"full"`` (a one-process or DDP run: the files
+above) and ``"sharded"`` (an FSDP2 run, ``engine/checkpoint/sharded.py``: the same three files,
+``training.pt`` without the optimisers' state, plus a ``shards/`` folder of DCP files; its marker
+says ``"kind": "sharded"``). ``latest_checkpoint`` and ``resume="last"`` find both;
+``LoadedCheckpoint.kind`` says which one was read.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ CHECKPOINTS_DIR = "checkpoints"
 LAST = "last"
 STAGING_PREFIX = ".staging-"
 OLD_PREFIX = ".old-"
+FULL = "full"
+SHARDED = "sharded"
+SHARDS_DIR = "shards"
 
 
 # ------------------------------------------------------------------ atomic files
@@ -296,12 +305,16 @@ def check_weights_only_payload(value: Any, where: str) -> None:
 
 @attrs.frozen
 class LoadedCheckpoint:
-    """A checkpoint read from disk and verified: its folder and its three parts."""
+    """A checkpoint read from disk and verified: its folder, its three parts and its kind
+    (``"full"``, or ``"sharded"``: the optimisers' state is in its DCP shards, which
+    ``engine/checkpoint/sharded.py`` loads into the run; ``model_state`` is then memory-mapped
+    from its full-state ``model.pt``)."""
 
     path: Path
     meta: dict[str, Any]
     model_state: dict[str, torch.Tensor]
     training_state: dict[str, Any]
+    kind: str = FULL
 
     @property
     def run_dir(self) -> Path | None:
@@ -310,8 +323,14 @@ class LoadedCheckpoint:
         return parent.parent if parent.name == CHECKPOINTS_DIR else None
 
 
+def checkpoint_kind(marker: Mapping[str, Any]) -> str:
+    """``"full"`` or ``"sharded"``: what a marker says its checkpoint is."""
+    return SHARDED if marker.get("kind") == SHARDED else FULL
+
+
 def read_marker(path: Path) -> dict[str, Any]:
-    """The parsed ``COMPLETE`` marker of checkpoint ``path``; a missing or bad one is an error."""
+    """The parsed ``COMPLETE`` marker of checkpoint ``path`` (either kind); a missing or bad one
+    is an error."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
     marker_path = path / MARKER
@@ -332,10 +351,17 @@ def read_marker(path: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}"
         )
     expected = {MODEL_FILE, TRAINING_FILE, META_FILE}
-    if not isinstance(files, dict) or set(files) != expected:
+    kind = marker.get("kind", FULL)
+    if kind not in (FULL, SHARDED):
+        raise CheckpointError(f"checkpoint marker {marker_path} names an unknown kind {kind!r}")
+    listed_files = set(files) if isinstance(files, dict) else set()
+    if kind == SHARDED:  # the three files and DCP's shards, nothing else
+        listed_files = {n for n in listed_files if not n.startswith(f"{SHARDS_DIR}/")}
+    if not isinstance(files, dict) or listed_files != expected:
         listed = sorted(files) if isinstance(files, dict) else files
         raise CheckpointError(
             f"checkpoint marker {marker_path} lists files {listed!r}; expected {sorted(expected)}"
+            + (f" and {SHARDS_DIR}/*" if kind == SHARDED else "")
         )
     return marker
 
@@ -356,11 +382,13 @@ def _verified_bytes(path: Path, record: Mapping[str, Any]) -> bytes:
     return data
 
 
-def load_torch_file(path: Path, data: bytes | None = None) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU; refusals become ``CheckpointError``."""
+def load_torch_file(path: Path, data: bytes | None = None, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU (``mmap``: the file's tensors mapped, not
+    read); refusals become ``CheckpointError``."""
     source: Any = io.BytesIO(data) if data is not None else path
+    extra = {"mmap": True} if mmap and data is None else {}
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, **extra)
     except Exception as error:
         text = str(error)
         if "weights_only" in text or "Unsupported" in text or "global" in text.lower():
@@ -375,10 +403,15 @@ def load_torch_file(path: Path, data: bytes | None = None) -> Any:
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Read and verify checkpoint folder ``path`` (marker, sizes, hashes, weights-only load)."""
+    """Read and verify checkpoint folder ``path`` (marker, sizes, hashes, weights-only load).
+    A sharded checkpoint's files are all verified first (its shards too, read in chunks); its
+    ``model.pt`` is memory-mapped rather than read (every rank of an FSDP run reads it, for the
+    checks before loading)."""
     path = Path(path)
     marker = read_marker(path)
     files = marker["files"]
+    if checkpoint_kind(marker) == SHARDED:
+        return _load_sharded_parts(path, marker)
     try:
         meta = json.loads(_verified_bytes(path / META_FILE, files[META_FILE]).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -397,6 +430,27 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint file {path / META_FILE} holds no JSON object")
     return LoadedCheckpoint(path, meta, model_state, training_state)
+
+
+def _load_sharded_parts(path: Path, marker: Mapping[str, Any]) -> LoadedCheckpoint:
+    """A sharded checkpoint's meta, training state and (memory-mapped) full model state, once
+    every file of it matches its marker."""
+    for name, record in marker["files"].items():
+        _verify_file(path / name, record)
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint file {path / META_FILE} is not JSON: {error}") from error
+    model_state = load_torch_file(path / MODEL_FILE, mmap=True)
+    training_state = load_torch_file(path / TRAINING_FILE)
+    for name, value in ((MODEL_FILE, model_state), (TRAINING_FILE, training_state)):
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"checkpoint file {path / name} holds a {type(value).__name__}, not a dict"
+            )
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint file {path / META_FILE} holds no JSON object")
+    return LoadedCheckpoint(path, meta, model_state, training_state, SHARDED)
 
 
 # ------------------------------------------------------------------ finding checkpoints
@@ -438,10 +492,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Check that every file of checkpoint ``path`` has the size and hash its marker records."""
+    """Check that every file of checkpoint ``path`` has the size and hash its marker records
+    (a sharded checkpoint's read in chunks: its shards can be large)."""
     marker = read_marker(path)
+    sharded = checkpoint_kind(marker) == SHARDED
     for name, record in marker["files"].items():
-        _verified_bytes(path / name, record)
+        if sharded:
+            _verify_file(path / name, record)
+        else:
+            _verified_bytes(path / name, record)
+
+
+def _verify_file(path: Path, record: Mapping[str, Any]) -> None:
+    """``path`` has the size and sha256 of ``record``, read in chunks."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    found = file_record(path)
+    if found.size != record.get("size"):
+        raise CheckpointError(
+            f"checkpoint file {path} is truncated or corrupt: {found.size} bytes, its marker "
+            f"records {record.get('size')}"
+        )
+    if found.sha256 != record.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: its sha256 differs from the one its marker records"
+        )
 
 
 def resolve_resume(

@@ -36,7 +36,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -58,6 +58,8 @@ from engine.checkpoint.format import (
     META_FILE,
     MODEL_FILE,
     OLD_PREFIX,
+    SHARDED,
+    SHARDS_DIR,
     STAGING_PREFIX,
     TRAINING_FILE,
     check_weights_only_payload,
@@ -71,8 +73,8 @@ from engine.distributed.collectives import World
 from engine.errors import CheckpointError
 
 FORMAT_VERSION = 1
-KIND = "sharded"
-SHARDS = "shards"
+KIND = SHARDED
+SHARDS = SHARDS_DIR
 
 
 @attrs.frozen
@@ -118,9 +120,7 @@ def save_sharded(
     )
     if shards_written is not None:
         shards_written()
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    full = full_model_state(model)
     if world.is_main:
         groups = {role: opt.state_dict()["param_groups"] for role, opt in optimizers.items()}
         torch.save(full, str(staging / MODEL_FILE))
@@ -138,6 +138,24 @@ def save_sharded(
         _install_everywhere(directory, names, staging, durable)
     _barrier(world)
     return [directory / name for name in names]
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full state in plain CPU tensors on rank 0 (an empty dict on the other ranks,
+    a sharded model's parameters gathered: collective, every rank calls it); the plain
+    ``state_dict`` of a model that is not sharded."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+
+
+def agreed(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank (collective): the folder every rank writes its shards
+    into, a decision made from what only rank 0 reads."""
+    if not world.is_distributed:
+        return value
+    chosen = [value]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def _agreed_stamp(world: World) -> str:

@@ -9,6 +9,13 @@ that decide the data order, model shapes, strategy and its roles, each role's op
 parameter groups) before it changes anything, then loads it; ``restore_run`` puts back what lives
 on the ``RunState``.
 
+Under FSDP2 (``ctx.sharding``) checkpoints are sharded (``engine/checkpoint/sharded.py``):
+``capture_sharded`` leaves the optimisers' state out of ``training.pt`` (their moments are
+DTensor shards, saved by DCP with the model; ``strategy_optimizers`` finds them by role), and
+``restore_training`` loads a sharded checkpoint through ``load_sharded``. ``check_kind`` refuses
+a full (DDP or one-process) checkpoint under FSDP and a sharded one under DDP with several
+processes; one process loads a sharded checkpoint whole (e.g. 2 ranks -> 1).
+
 Hyperparameters changed on resume: an optimiser argument whose value in this run's spec differs
 from the spec the checkpoint was saved with (``lr``, ``weight_decay``, ``betas``...) is applied
 to every parameter group of the restored optimiser, and logged; every other value (a learning
@@ -27,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from loguru import logger
 
-from engine.checkpoint.format import LoadedCheckpoint
+from engine.checkpoint.format import FULL, SHARDED, LoadedCheckpoint
 from engine.config.specs import role_specs
 from engine.errors import CheckpointError
 from engine.seeding import rng_states, seed_everything, set_rng_states
@@ -93,9 +100,54 @@ def capture(
 
     ``rank_states`` (from ``gather_rank_states``) keeps every rank's random streams and unread
     metrics; without it only this process's are kept."""
+    model_state = {key: value.detach().cpu() for key, value in run.model.state_dict().items()}
+    training, meta = _training_and_meta(run, callbacks, monitor_value, rank_states)
+    return model_state, training, meta
+
+
+def capture_sharded(
+    run: RunState,
+    callbacks: Iterable[Any],
+    monitor_value: float | None = None,
+    rank_states: list[dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The training state and meta record of a sharded checkpoint (``save_sharded`` adds the
+    model and the optimisers' state): ``capture``'s, the optimisers' per-parameter state left
+    out (their parameter groups stay, for the checks on resume). A callback state holding a
+    sharded tensor (DTensor) is refused, naming it: ``training.pt`` holds plain tensors."""
+    training, meta = _training_and_meta(run, callbacks, monitor_value, rank_states)
+    strategy = _copy_tree(training["strategy"])
+    for _, optimizer in optimizer_states(strategy):
+        optimizer["state"] = {}
+    training["strategy"] = strategy
+    _refuse_sharded_tensors(training, "training.pt")
+    return training, meta
+
+
+def _refuse_sharded_tensors(value: Any, where: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        raise CheckpointError(
+            f"{where} holds a sharded tensor (DTensor) that only DCP can save; a callback that "
+            "keeps parameters under FSDP must save them as full tensors (.full_tensor())"
+        )
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_sharded_tensors(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_sharded_tensors(item, f"{where}[{index}]")
+
+
+def _training_and_meta(
+    run: RunState,
+    callbacks: Iterable[Any],
+    monitor_value: float | None,
+    rank_states: list[dict[str, Any]] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     ctx = run.context
     own = rank_state(run) if rank_states is None else rank_states[0]
-    model_state = {key: value.detach().cpu() for key, value in run.model.state_dict().items()}
     training = {
         "strategy": run.strategy.state_dict(),
         "scaler": None if ctx is None or ctx.scaler is None else ctx.scaler.state_dict(),
@@ -123,7 +175,43 @@ def capture(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
     }
-    return model_state, training, meta
+    return training, meta
+
+
+def strategy_optimizers(strategy: Any) -> dict[str, torch.optim.Optimizer]:
+    """Each role's optimiser, read from the strategy's ``updates`` (``Standard``) or its
+    ``joint.updates`` (the multi-role strategies): what a sharded checkpoint saves by role. A
+    strategy that keeps its optimisers otherwise can not be checkpointed sharded (an error
+    naming it)."""
+    updates = getattr(strategy, "updates", None)
+    if updates is None:
+        updates = getattr(getattr(strategy, "joint", None), "updates", None)
+    if updates is None:
+        raise CheckpointError(
+            f"strategy {type(strategy).__name__} exposes no per-role optimisers (an `updates` "
+            "list of objects with `role` and `optimizer`); a sharded (FSDP) checkpoint saves "
+            "each role's optimiser state through them"
+        )
+    return {update.role: update.optimizer for update in updates}
+
+
+def check_kind(checkpoint: LoadedCheckpoint, parallel: str, world: World) -> None:
+    """The checkpoint's kind fits this run: sharded under ``parallel="fsdp"``, full under
+    ``"ddp"`` with several processes; one process (which can not shard) also loads a sharded
+    checkpoint whole. Checked before anything is placed or loaded."""
+    if parallel == "fsdp" and checkpoint.kind != SHARDED:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} is a {checkpoint.kind} checkpoint (written by a DDP "
+            f"or one-process run); this run has parallel='fsdp', which resumes from {SHARDED} "
+            "checkpoints only: resume it with parallel='ddp', or start from its model.pt"
+        )
+    if parallel == "ddp" and checkpoint.kind == SHARDED and world.is_distributed:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} is a {SHARDED} checkpoint (written by an FSDP run); "
+            f"this run has parallel='ddp' on {world.world_size} processes, which resumes from "
+            f"{FULL} checkpoints: resume it with parallel='fsdp' (or in one process, which "
+            "loads it whole)"
+        )
 
 
 def optimizer_specs(strategy: Any) -> dict[str, dict[str, Any]]:
@@ -404,8 +492,11 @@ def restore_training(
             f"{config.precision!r}"
         )
     notes = _load_strategy(checkpoint, strategy)
-    with torch.no_grad():
-        model.load_state_dict(checkpoint.model_state)
+    if checkpoint.kind == SHARDED:
+        _load_shards(checkpoint, model, strategy, ctx.world)
+    else:
+        with torch.no_grad():
+            model.load_state_dict(checkpoint.model_state)
     if ctx.scaler is not None:
         ctx.scaler.load_state_dict(scaler_state)
     try:
@@ -416,6 +507,26 @@ def restore_training(
         ) from error
     _load_callbacks(checkpoint, callbacks)
     return tuple(notes)
+
+
+def _load_shards(
+    checkpoint: LoadedCheckpoint, model: torch.nn.Module, strategy: Any, world: World
+) -> None:
+    """The model's and the optimisers' state from a sharded checkpoint's DCP shards, into the
+    model as this run holds it (sharded on any number of ranks, or whole in one process); the
+    parameter groups stay as ``_load_strategy`` set them (with the arguments this run
+    changed)."""
+    from engine.checkpoint.sharded import load_sharded
+
+    optimizers = strategy_optimizers(strategy)
+    groups = {
+        role: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        for role, opt in optimizers.items()
+    }
+    load_sharded(checkpoint.path, model, optimizers, world)
+    for role, optimizer in optimizers.items():
+        for group, kept in zip(optimizer.param_groups, groups[role]):
+            group.update(kept)
 
 
 def _load_strategy(checkpoint: LoadedCheckpoint, strategy: StepStrategy) -> list[str]:
