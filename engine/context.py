@@ -8,7 +8,7 @@ the same way everywhere.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -16,6 +16,9 @@ import torch
 from engine.distributed.collectives import World
 from engine.errors import ModelOutputError
 from engine.state import Progress
+
+if TYPE_CHECKING:
+    from engine.distributed.sharding import Sharding
 
 ForwardFn = Callable[..., Any]
 
@@ -34,6 +37,10 @@ class StepContext:
     ``micro_count`` so that the accumulated gradient is that of the mean loss.
     ``eval_with_grad``: evaluation and prediction run with gradients on (for models whose loss
     calls ``torch.autograd.grad``: gradient penalties, HMC steps); nothing is stepped.
+    ``sharding``: the model's FSDP2 sharding under ``parallel="fsdp"`` (None otherwise): its
+    backwards go through ``sharding.sharded_backward`` and its checkpoints are sharded.
+    ``releases``: what the run lets go of when it ends (``release``): each role's DDP holds
+    the process group, which can not be left while something holds it.
     """
 
     device: torch.device
@@ -48,10 +55,18 @@ class StepContext:
     micro_index: int = 0
     micro_count: int = 1
     eval_with_grad: bool = False
+    sharding: Sharding | None = None
+    releases: list[Callable[[], Any]] = attrs.field(factory=list)
 
     @property
     def is_update_step(self) -> bool:
         return self.micro_index == self.micro_count - 1
+
+    def release(self) -> None:
+        """Run each of ``releases`` once (at the end of ``fit``, whatever holds the context)."""
+        releases, self.releases = self.releases, []
+        for release in releases:
+            release()
 
     def forward(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Mapping[str, Any]:
         """Run the model under the run's autocast; its output must be a mapping."""

@@ -1,6 +1,10 @@
 """Evaluation and prediction loops: the strategy's losses averaged over every sample, and the
 model's per-sample outputs. Neither changes a parameter, an optimiser, or a random stream of
 training: the model runs in eval mode (its previous mode restored after), under a forked RNG.
+
+Under FSDP2 every forward is collective (each unit all-gathers its parameters from the ranks), so
+every rank runs as many evaluation forwards as the rank with the most batches: a rank out of
+batches runs one it has seen again (or, when it had none, rank 0's first batch), with weight 0.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from loguru import logger
 
 from engine.context import StepContext
 from engine.data.batches import Batches
-from engine.distributed.collectives import broadcast_buffers, sum_named_over_ranks
+from engine.data.prefetch import move_to_device
+from engine.distributed.collectives import (
+    World,
+    all_ranks_agree,
+    any_rank,
+    broadcast_buffers,
+    sum_named_over_ranks,
+)
+from engine.distributed.sharding import is_sharded_model
 from engine.errors import ConfigError, ModelOutputError
 from engine.protocols import StepStrategy
 
@@ -30,16 +42,58 @@ def evaluate_batches(
     broadcast_buffers(model, ctx.world)  # every rank evaluates rank 0's model
     sums: dict[str, torch.Tensor] = {}
     samples = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    sized = _lockstep(batches, ctx) if is_sharded_model(model) else _sized(batches)
     with _inference(model, ctx):
-        for batch in batches.epoch(0):
-            size = batch_size(batch)
-            for key, value in _eval_step(strategy, model, batch, ctx).items():
+        for batch, size in sized:
+            outputs = _eval_step(strategy, model, batch, ctx)
+            for key, value in (outputs if size else {}).items():
                 weighted = value.detach().double() * size
                 sums[key] = sums[key] + weighted if key in sums else weighted
             samples += size
     totals = sum_named_over_ranks({**sums, _SAMPLES: samples}, ctx.world)
     count = totals.pop(_SAMPLES)
     return {key: value / count for key, value in totals.items()}
+
+
+def _sized(batches: Batches) -> Iterator[tuple[Any, int]]:
+    """Each batch of this rank's shard with its number of samples."""
+    for batch in batches.epoch(0):
+        yield batch, batch_size(batch)
+
+
+def _lockstep(batches: Batches, ctx: StepContext) -> Iterator[tuple[Any, int]]:
+    """``_sized`` with as many batches on every rank as on the rank with the most (one small
+    all-reduce per batch): a rank out of batches gets one again with 0 samples, its outputs
+    ignored."""
+    world = ctx.world
+    iterator = iter(batches.epoch(0))
+    batch = next(iterator, None)
+    if not any_rank(batch is not None, world):
+        return
+    filler = batch if all_ranks_agree([batch is not None], world)[0] else None
+    if filler is None:
+        filler = _batch_from_a_rank_that_has_one(batch, world, ctx.device)
+    while True:
+        if batch is not None:
+            yield batch, batch_size(batch)
+        else:
+            yield filler, 0
+        batch = next(iterator, None)
+        if not any_rank(batch is not None, world):
+            return
+
+
+def _batch_from_a_rank_that_has_one(batch: Any, world: World, device: torch.device) -> Any:
+    """The first batch of the lowest rank that has one, on every rank (collective; for the
+    ranks whose shard of the data is empty)."""
+    import torch.distributed as dist
+
+    has: list[Any] = [None] * world.world_size
+    dist.all_gather_object(has, batch is not None)
+    source = has.index(True)
+    shared = [move_to_device(batch, torch.device("cpu")) if world.rank == source else None]
+    dist.broadcast_object_list(shared, src=source)
+    return batch if batch is not None else move_to_device(shared[0], device)
 
 
 def _eval_step(

@@ -1,7 +1,10 @@
 """Everything ``Engine.fit`` does before the first step, as named steps in the order they matter.
 
-1. ``read_resume``: load the checkpoint to resume from (refused before anything changes).
+1. ``read_resume``: load the checkpoint to resume from (refused before anything changes, also
+   when its kind does not fit ``parallel``: sharded under FSDP, full under DDP).
 2. ``place_model``: seed, pick the device, move the model there, give every rank rank 0's weights.
+   ``shard`` (``parallel="fsdp"``): shard the placed model with FSDP2 (``ctx.sharding``), so
+   that the strategy builds its optimisers on the shards.
 3. ``setup_strategy``: each role's scheduler is checked against its optimiser class (the first
    pre-flight check, ``engine/preflight.py``, so that a refusal names the role), then the
    strategy builds its optimisers and schedulers on the placed model's real parameter groups.
@@ -17,6 +20,8 @@ Nothing here trains; ``engine/loop.py`` calls these in order and then runs the l
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +30,12 @@ import torch
 from loguru import logger
 
 from engine.checkpoint.format import LoadedCheckpoint, load_checkpoint, resolve_resume
-from engine.checkpoint.state import restore_run, restore_training
+from engine.checkpoint.state import check_kind, restore_run, restore_training
 from engine.config.engine_config import EngineConfig
 from engine.context import ForwardFn, StepContext
 from engine.data.batches import Batches, known_length, make_batches
-from engine.distributed.collectives import World, broadcast_module
+from engine.distributed.collectives import World, broadcast_module, current_world
+from engine.distributed.sharding import ShardingPlan, shard_model
 from engine.errors import ConfigError, StrategyError
 from engine.hardware.device import resolve_device
 from engine.hardware.precision import autocast_factory, make_scaler
@@ -55,6 +61,8 @@ __all__ = [
     "read_resume",
     "restore_training",
     "setup_strategy",
+    "shard",
+    "sharding_plan",
 ]
 
 
@@ -72,10 +80,13 @@ class PreparedRun:
 
 
 def read_resume(resume: Any, config: EngineConfig) -> LoadedCheckpoint | None:
-    """The checkpoint ``resume`` names (``"last"``, a checkpoint or a run folder), or None."""
+    """The checkpoint ``resume`` names (``"last"``, a checkpoint or a run folder), or None; one
+    whose kind does not fit ``config.parallel`` is refused (``check_kind``)."""
     if resume is None:
         return None
-    return load_checkpoint(resolve_resume(resume, config.output_dir, config.run_name))
+    checkpoint = load_checkpoint(resolve_resume(resume, config.output_dir, config.run_name))
+    check_kind(checkpoint, config.parallel, current_world())
+    return checkpoint
 
 
 def place_model(model: torch.nn.Module, config: EngineConfig, world: World) -> torch.device:
@@ -86,6 +97,51 @@ def place_model(model: torch.nn.Module, config: EngineConfig, world: World) -> t
     model.to(device)
     broadcast_module(model, world)
     return device
+
+
+def sharding_plan(config: EngineConfig) -> ShardingPlan:
+    """The FSDP2 plan the config asks for (``precision="bf16"``: bf16 parameters in compute,
+    fp32 reduction and master weights, instead of autocast)."""
+    return ShardingPlan(
+        blocks=config.fsdp_blocks,
+        mesh=config.fsdp_mesh,
+        param_dtype="bf16" if config.precision == "bf16" else None,
+        reshard_after_forward=config.fsdp_reshard_after_forward,
+        forward_methods=config.fsdp_forward_methods,
+    )
+
+
+def shard(model: torch.nn.Module, config: EngineConfig, ctx: StepContext) -> None:
+    """Under ``parallel="fsdp"``, shard the placed model (every rank holding rank 0's weights)
+    and keep the sharding in ``ctx.sharding``; what can not be sharded is refused before
+    anything is: one process, a mesh that does not cover the world, fp16 (FSDP2 has no
+    GradScaler of ours), ``compile="step"``, a block class or method the model lacks."""
+    if config.parallel != "fsdp":
+        return
+    world = ctx.world
+    if not world.is_distributed:
+        raise ConfigError(
+            "parallel='fsdp' shards the model across the ranks of a process group, and this is "
+            "one process: launch with torchrun (e.g. `torchrun --nproc-per-node=2 train.py`), "
+            "or use parallel='ddp'"
+        )
+    mesh = config.fsdp_mesh
+    if mesh is not None and math.prod(mesh) != world.world_size:
+        raise ConfigError(
+            f"fsdp_mesh={mesh!r} holds {math.prod(mesh)} ranks but the world has "
+            f"{world.world_size}: (replicate, shard) must multiply to the world size"
+        )
+    if config.precision == "fp16":
+        raise ConfigError(
+            "precision='fp16' is not supported with parallel='fsdp' (fp16 needs a GradScaler "
+            "that knows the shards); use precision='bf16' (bf16 parameters, fp32 reduction)"
+        )
+    if config.compile == "step":
+        raise ConfigError(
+            "compile='step' is not supported with parallel='fsdp' (FSDP2's hooks all-gather "
+            "and reduce-scatter around each unit); use compile='model' or False"
+        )
+    ctx.sharding = shard_model(model, sharding_plan(config), world, ctx.device)
 
 
 def setup_strategy(strategy: StepStrategy, model: torch.nn.Module, ctx: StepContext) -> None:
@@ -108,11 +164,13 @@ def check_trainable(model: Any) -> None:
 def make_context(
     config: EngineConfig, device: torch.device, progress: Progress, world: World, forward: ForwardFn
 ) -> StepContext:
-    """The ``StepContext`` lent to the strategy for a run (or for a standalone evaluation)."""
+    """The ``StepContext`` lent to the strategy for a run (or for a standalone evaluation).
+    Under ``parallel="fsdp"`` bf16 is FSDP's parameter dtype, not autocast (``shard``)."""
+    sharded = config.parallel == "fsdp"
     return StepContext(
         device=device,
         precision=config.precision,
-        autocast=autocast_factory(device, config.precision),
+        autocast=contextlib.nullcontext if sharded else autocast_factory(device, config.precision),
         scaler=make_scaler(device, config.precision),
         grad_clip_norm=config.grad_clip_norm,
         nonfinite=config.nonfinite,
@@ -224,8 +282,14 @@ def describe_start(model: torch.nn.Module, config: EngineConfig, run: RunState) 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     world = run.context.world if run.context is not None else World()
     device = run.context.device if run.context is not None else "?"
+    sharding = None if run.context is None else run.context.sharding
+    parallel = (
+        ""
+        if sharding is None
+        else f" (FSDP2: {len(sharding.units)} units on mesh {tuple(sharding.mesh.shape)})"
+    )
     return (
         f"fit start: {type(model).__name__} ({trainable:,} trainable parameters) on {device}, "
-        f"precision {config.precision}, {world.world_size} process(es), "
+        f"precision {config.precision}, {world.world_size} process(es){parallel}, "
         f"run folder {run.run_dir}"
     )

@@ -43,10 +43,16 @@ step). The choice is logged. A parameter that the first step reached but a later
 is DDP's error at that step, naming the role.
 
 Lifetime. A replica belongs to one ``fit``: it is kept on the strategy's update of the role
-(``ReplicaHolder.replica``) and released when the fit's ``StepContext`` is freed (a
-``weakref.finalize``), since a DDP holds the process group, and a group something still holds
-can not join its worker threads when the process leaves it (``session.leave_process_group``). A
-strategy set up again, or used with another context, builds new replicas.
+(``ReplicaHolder.replica``) and released when the fit ends (``StepContext.release``, which
+``Engine.fit`` calls whatever way it ends, even while a callback still holds the run and its
+context) or, at the latest, when the fit's ``StepContext`` is freed (a ``weakref.finalize``),
+since a DDP holds the process group, and a group something still holds can not join its worker
+threads when the process leaves it (``session.leave_process_group``). A strategy set up again,
+or used with another context, builds new replicas.
+
+Under FSDP2 (``ctx.sharding``) there are no replicas: ``gradient_sync`` and ``finish_window``
+do nothing, FSDP reduce-scatters the gradients during the backward
+(``engine/distributed/sharding.py``).
 
 Buffers are not DDP's business here (``forward_sync_buffers=False``): DDP's broadcast of
 buffers before every forward rewrites BatchNorm statistics in place, which breaks a backward
@@ -195,7 +201,7 @@ def replica_of(holder: ReplicaHolder, ctx: StepContext) -> RoleReplica:
     if replica is None or replica.owner() is not ctx:
         replica = RoleReplica(holder.role, list(holder.params), ctx.world, weakref.ref(ctx))
         holder.replica = replica
-        weakref.finalize(ctx, _release, weakref.ref(holder), replica)
+        ctx.releases.append(weakref.finalize(ctx, _release, weakref.ref(holder), replica))
     return replica
 
 
@@ -218,8 +224,11 @@ def gradient_sync(
     process. A collective failure inside the backward (another rank died or timed out) becomes
     a ``DistributedError`` naming this rank. Parameters sharded by FSDP2 are refused (a
     backward with ``inputs=`` shards would silently give them no gradient): their backward is
-    ``engine/distributed/sharding.py``'s.
+    ``engine/distributed/sharding.py``'s (``ctx.sharding``: then this does nothing).
     """
+    if ctx.sharding is not None:
+        yield
+        return
     for holder in holders:
         if holder.params and isinstance(holder.params[0], DTensor):
             raise StrategyError(
@@ -258,10 +267,11 @@ def finish_window(holder: ReplicaHolder, ctx: StepContext) -> None:
     """Before the role's optimiser step: its gradients are the average over the ranks.
 
     Free when an armed backward already averaged them (the usual case); otherwise (local
-    gradients: see the module's docstring) they are averaged here, explicitly.
+    gradients: see the module's docstring) they are averaged here, explicitly. Under FSDP2
+    (``ctx.sharding``) the backward already reduce-scattered them: nothing to do.
     """
     world = ctx.world
-    if not world.is_distributed:
+    if not world.is_distributed or ctx.sharding is not None:
         return
     replica = replica_of(holder, ctx)
     if replica.synced:

@@ -243,3 +243,9 @@ def training_bytes(
         "gradients": local_bytes([p.grad for p in params]),
         "optimizer": local_bytes(state),
     }
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``model`` or one of its submodules (its forwards are then
+    collective: every rank must run as many)."""
+    return any(isinstance(module, FSDPModule) for module in model.modules())
