@@ -32,7 +32,10 @@ def create_run_dir(output_dir: Path, run_name: str | None) -> Path:
 
 @contextlib.contextmanager
 def log_file(run_dir: Path | None) -> Iterator[None]:
-    """Copy this run's log records into ``run_dir/train.log`` while the block runs."""
+    """Copy this run's log records into ``run_dir/train.log`` while the block runs: those of
+    the run's bound logger (``RunState.log``) and every other record logged in the block's
+    thread and context (``logger.contextualize``: the engine's modules log with the plain
+    ``logger``, e.g. each role's DDP at its first step), but not another run's."""
     if run_dir is None:
         yield
         return
@@ -44,7 +47,8 @@ def log_file(run_dir: Path | None) -> Iterator[None]:
         format=_one_line,
     )
     try:
-        yield
+        with logger.contextualize(run=run_id):
+            yield
     finally:
         logger.remove(sink)
 
