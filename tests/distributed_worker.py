@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import strategies
 from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
 from engine import DataError, Engine, EngineConfig, OptimizerSpec
 from engine.distributed.session import leave_process_group
+from tests.helpers import free_port, gloo_worker_threads, set_rank_environment
 
 N_TRAIN = 48  # 6 global batches of 2 x 4
 N_EVAL = 9  # the last global eval batch leaves rank 1 nothing: no padding, no duplicate
@@ -182,20 +182,6 @@ def file_barrier(
     for other in range(world_size):
         if not _wait_for_file(folder / f"{name}-{other}", limit_s):
             raise TimeoutError(f"rank {other} did not reach {name!r} within {limit_s} s")
-
-
-def gloo_worker_threads() -> int | None:
-    """How many of gloo's worker threads this process runs (Linux names them), else None."""
-    tasks = Path("/proc/self/task")
-    if not tasks.is_dir():
-        return None
-    names = []
-    for task in tasks.iterdir():
-        try:
-            names.append((task / "comm").read_text().strip())
-        except OSError:
-            continue  # a thread that ended meanwhile
-    return names.count("pt_gloo_runloop")
 
 
 # --------------------------------------------------------------- strategies
@@ -561,24 +547,6 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 
 
 # ------------------------------------------------------------------- spawn
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def set_rank_environment(rank: int, world_size: int, port: int) -> None:
-    """What torchrun would set for this rank on one machine; one torch thread per rank."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
 
 
 def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,3 +95,38 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def set_rank_environment(rank: int, world_size: int, port: int) -> None:
+    """What torchrun would set for this rank on one machine; one torch thread per rank."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+
+
+def gloo_worker_threads() -> int | None:
+    """How many of gloo's worker threads this process runs (Linux names them), else None."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return names.count("pt_gloo_runloop")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -33,6 +34,7 @@ from engine.distributed.collectives import (
 from engine.distributed.session import launch_environment, process_group
 from engine.errors import DistributedError
 from tests import distributed_worker as worker
+from tests.engine import leave_worker
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -287,6 +289,25 @@ def test_leaving_the_group_joins_its_worker_threads_even_after_a_failure(
     if two_ranks[0][0]["gloo_threads_after_leave"] is None:
         pytest.skip("thread names are read from /proc (Linux)")
     assert [rank["gloo_threads_after_leave"] for rank in two_ranks[0]] == [0, 0]
+
+
+@pytest.mark.slow
+def test_leaving_joins_gloo_threads_when_the_optimiser_is_built_after_joining(
+    tmp_path: Path,
+) -> None:
+    """In a process that imports only the engine's session before joining, the first
+    optimiser imports torch._dynamo with the group alive (which once made torch hold the group
+    for good); leave_process_group still joins every gloo worker thread."""
+    mp.start_processes(
+        leave_worker.entry, args=(worker.free_port(), str(tmp_path)), nprocs=2, join=True
+    )
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["imported_before"] is False, "the scenario no longer tests a late import"
+        assert result["sum"] == [2.0, 2.0, 2.0]
+        during, after = result["gloo_threads"]
+        if during is not None:
+            assert during > 0 and after == 0, result["gloo_threads"]
 
 
 @pytest.mark.slow
