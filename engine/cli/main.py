@@ -1,4 +1,5 @@
-"""The command line: ``strategy-engine fit|resume|evaluate|predict`` (also ``python -m engine``).
+"""The command line: ``strategy-engine fit|resume|evaluate|predict|export-pythae`` (also
+``python -m engine``).
 
 This module parses the arguments and reports the outcome; what each command does is in
 ``engine/cli/commands.py``, imported only once a command runs (so ``--help`` loads no torch
@@ -23,7 +24,16 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 # Names tests and scripts import from here; they live in ``engine.cli.commands``.
 _COMMAND_NAMES = frozenset(
-    {"build", "load_run_config", "fit", "resume", "evaluate", "predict", "RunFiles"}
+    {
+        "build",
+        "load_run_config",
+        "fit",
+        "resume",
+        "evaluate",
+        "predict",
+        "export_pythae",
+        "RunFiles",
+    }
 )
 
 
@@ -72,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--split", default="eval", choices=["train", "eval"])
         if name == "predict":
             command.add_argument("--output", help="where to save (default RUN/predictions.pt)")
+    export_parser = commands.add_parser(
+        "export-pythae",
+        parents=[overrides],
+        help="save a [pythae] run's latest checkpoint as a pythae model folder",
+    )
+    export_parser.add_argument("run_dir", help="the run folder of a [pythae] config")
+    export_parser.add_argument("folder", help="the folder to write (AutoModel.load_from_folder)")
     return parser
 
 
@@ -108,6 +125,10 @@ def _run(args: argparse.Namespace) -> None:
             result = commands.resume(args.run_dir, args.overrides)
         if current_world().is_main:
             _print_result(result, show_best=args.command == "fit")
+    elif args.command == "export-pythae":
+        folder = commands.export_pythae(args.run_dir, args.folder, args.overrides)
+        if current_world().is_main:
+            print(f"pythae model folder: {folder}")
     elif args.command == "evaluate":
         metrics = commands.evaluate(args.target, args.overrides, args.weights, args.split)
         if current_world().is_main:

@@ -11,6 +11,17 @@ A run config has five sections::
     [engine]                     ``EngineConfig`` fields
     [[callbacks]]                name = "EarlyStopping" or "package.module:Factory", + arguments
 
+or, for a pythae model, a ``[pythae]`` section in place of ``[model]`` and ``[strategy]``::
+
+    [pythae]                     model_config = "model_config.json" (or a saved model folder),
+                                 training_config = "training_config.json" (optional),
+                                 updates = "isolated" | "pythae", metrics = ["recon_loss"]
+
+Its paths are read relative to the folder of the config file that names them (so a run
+folder's ``config.toml`` names the copies beside it). The training config then sets the
+engine's values, and only the ``[engine]`` keys the config writes override them: for such a
+config ``raw["engine"]`` holds just those keys, not the resolved ``EngineConfig``.
+
 ``resolve_config`` checks all of it (unknown keys, wrong types, import paths that do not
 resolve, arguments a factory does not take) and raises one ``ConfigError`` naming the key, the
 value and what was expected, so that a bad config fails before any training. Which strategy and
@@ -41,9 +52,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 only
     import tomli as tomllib
 
-SECTIONS = ("model", "data", "strategy", "engine", "callbacks")
+SECTIONS = ("model", "data", "strategy", "engine", "callbacks", "pythae")
 REQUIRED_SECTIONS = ("model", "data", "strategy")
 DATA_KEYS = ("train", "eval")
+PYTHAE_KEYS = ("model_config", "training_config", "updates", "metrics")
+PYTHAE_REPLACES = ("model", "strategy")
+PYTHAE_UPDATES = ("isolated", "pythae")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _IMPORT_PATH_WHAT = "an import path 'package.module:callable'"
 _import_path = Check(
@@ -163,29 +177,56 @@ class StrategyConfig:
 
 
 @attrs.frozen
-class RunConfig:
-    """A checked run config. ``raw`` is the resolved mapping that ``dump_toml`` writes."""
+class PythaeSection:
+    """A ``[pythae]`` section: pythae's model config JSON (or saved model folder) and training
+    config JSON (None: the default ``TrainingPipeline`` would use), as absolute paths; whose
+    updates (``"isolated"``, or ``"pythae"``: ``SharedGraphUpdates``); further outputs to log."""
 
-    model: FactoryRef
+    model_config: Path
+    training_config: Path | None
+    updates: str
+    metrics: tuple[str, ...]
+
+
+@attrs.frozen
+class RunConfig:
+    """A checked run config. ``raw`` is the resolved mapping that ``dump_toml`` writes.
+
+    A ``[pythae]`` config has ``pythae`` set and neither ``model`` nor ``strategy``; its
+    ``engine`` is the written ``[engine]`` keys over the defaults (the run's own comes from the
+    training config, see the module docstring) and ``raw["engine"]`` the written keys only."""
+
+    model: FactoryRef | None
     train: FactoryRef
     eval: FactoryRef | None
-    strategy: StrategyConfig
+    strategy: StrategyConfig | None
     engine: EngineConfig
     callbacks: tuple[FactoryRef, ...]
     raw: dict[str, Any]
+    pythae: PythaeSection | None = None
 
 
-def resolve_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Check a raw config and return it resolved; the first problem is a ``ConfigError``."""
+def resolve_config(raw: Mapping[str, Any], base: str | Path | None = None) -> RunConfig:
+    """Check a raw config and return it resolved; the first problem is a ``ConfigError``.
+    ``base`` is the folder of the config file, which relative ``[pythae]`` paths start from
+    (None: the working directory)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a run config must be a table, got {type(raw).__name__}")
-    _check_keys("the config", raw, SECTIONS, REQUIRED_SECTIONS)
-    model = _factory("model", raw["model"])
+    is_pythae = "pythae" in raw
+    _check_keys("the config", raw, SECTIONS, ("data",) if is_pythae else REQUIRED_SECTIONS)
+    both = [key for key in PYTHAE_REPLACES if key in raw] if is_pythae else []
+    if both:
+        raise ConfigError(
+            f"[pythae] replaces [model] and [strategy] (the pythae files describe both); the "
+            f"config has [pythae] and {['[' + key + ']' for key in both]}: remove one"
+        )
+    model = None if is_pythae else _factory("model", raw["model"])
     data = _table("data", raw["data"])
     _check_keys("[data]", data, DATA_KEYS, ("train",))
     train = _factory("data.train", data["train"])
     eval_ref = _factory("data.eval", data["eval"]) if "eval" in data else None
-    strategy = _strategy(_table("strategy", raw["strategy"]))
+    strategy = None if is_pythae else _strategy(_table("strategy", raw["strategy"]))
+    pythae = _pythae(raw["pythae"], base) if is_pythae else None
     engine_values = dict(_table("engine", raw.get("engine", {})))
     engine = _engine_config(engine_values)
     callbacks_raw = raw.get("callbacks", [])
@@ -197,14 +238,61 @@ def resolve_config(raw: Mapping[str, Any]) -> RunConfig:
         _factory(f"callbacks.{index}", item, name_key="name", allow_names=True)
         for index, item in enumerate(callbacks_raw)
     )
-    resolved = {
-        "model": _deep_copy(raw["model"]),
-        "data": _deep_copy(data),
-        "strategy": _deep_copy(raw["strategy"]),
-        "engine": {k: v for k, v in engine.to_dict().items() if v is not None},
-        "callbacks": _deep_copy(callbacks_raw),
-    }
-    return RunConfig(model, train, eval_ref, strategy, engine, callbacks, resolved)
+    if is_pythae:
+        resolved = {
+            "pythae": _deep_copy(raw["pythae"]),
+            "data": _deep_copy(data),
+            "engine": _deep_copy(engine_values),
+            "callbacks": _deep_copy(callbacks_raw),
+        }
+    else:
+        resolved = {
+            "model": _deep_copy(raw["model"]),
+            "data": _deep_copy(data),
+            "strategy": _deep_copy(raw["strategy"]),
+            "engine": {k: v for k, v in engine.to_dict().items() if v is not None},
+            "callbacks": _deep_copy(callbacks_raw),
+        }
+    return RunConfig(model, train, eval_ref, strategy, engine, callbacks, resolved, pythae)
+
+
+def _pythae(value: Any, base: str | Path | None) -> PythaeSection:
+    """The ``[pythae]`` section, its paths made absolute from ``base``; that the files exist
+    and are pythae's is checked when they are read (``strategies.pythae.load_from_json``)."""
+    table = _table("pythae", value)
+    _check_keys("[pythae]", table, PYTHAE_KEYS, ("model_config",))
+    what = "a path to pythae's model_config.json or to a saved pythae model folder"
+    model_config = _name("pythae.model_config", table["model_config"], what)
+    training_config = None
+    if "training_config" in table:
+        what = "a path to pythae's training_config.json"
+        training_config = _name("pythae.training_config", table["training_config"], what)
+    updates = table.get("updates", PYTHAE_UPDATES[0])
+    if updates not in PYTHAE_UPDATES:
+        raise ConfigError(
+            f"pythae.updates must be one of {list(PYTHAE_UPDATES)} (isolated updates, or "
+            f"pythae's own shared-graph updates), got {updates!r}"
+        )
+    metrics = table.get("metrics", [])
+    if not isinstance(metrics, list) or not all(non_empty_str.test(m) for m in metrics):
+        raise ConfigError(
+            f"pythae.metrics must be a list of output names (e.g. ['recon_loss']), got {metrics!r}"
+        )
+    return PythaeSection(
+        _from_base(model_config, base),
+        None if training_config is None else _from_base(training_config, base),
+        str(updates),
+        tuple(metrics),
+    )
+
+
+def _from_base(path: str, base: str | Path | None) -> Path:
+    """``path`` itself when absolute, else ``path`` inside ``base`` (the working directory
+    when None), made absolute."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    return (Path(base) if base is not None else Path.cwd()).absolute() / given
 
 
 def _table(key: str, value: Any) -> Mapping[str, Any]:
