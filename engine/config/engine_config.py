@@ -13,6 +13,7 @@ from typing import Any, Literal
 import attrs
 
 from engine.config.validators import (
+    Check,
     device_name,
     finite_positive_number,
     is_bool,
@@ -31,6 +32,7 @@ from engine.errors import ConfigError
 Precision = Literal["fp32", "bf16", "fp16"]
 NonFinitePolicy = Literal["raise", "skip"]
 MonitorMode = Literal["min", "max"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 def _optional_path(value: Any) -> Path | None:
@@ -39,6 +41,28 @@ def _optional_path(value: Any) -> Path | None:
     if isinstance(value, str) and value:
         return Path(value)
     raise ConfigError(f"output_dir must be a path or None, got {value!r}")
+
+
+def _tuple(value: Any) -> Any:
+    """A list (from a TOML file) as a tuple; anything else as it is, for the check."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+# FSDP's module class names and model methods: a string would be read as its letters.
+_names = Check(
+    "a tuple of non-empty names (e.g. ('ResBlock',))",
+    lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v),
+)
+_mesh = optional(
+    Check(
+        "(shard,) or (replicate, shard), positive integers",
+        lambda v: (
+            isinstance(v, tuple)
+            and len(v) in (1, 2)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        ),
+    )
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -56,6 +80,18 @@ class EngineConfig:
     ``eval_with_grad`` runs evaluation and prediction with gradients on (still in eval mode, no
     optimiser touched, the RNG forked): for models whose loss calls ``torch.autograd.grad``
     (gradient penalties, HMC steps in HVAE/RHVAE); it costs the memory of a backward graph.
+    ``parallel`` says how several processes (``torchrun``) share the work: ``"ddp"`` keeps the
+    whole model on every rank and averages gradients with one DDP per role; ``"fsdp"`` shards
+    parameters, gradients and optimiser state across the ranks (FSDP2,
+    ``engine/distributed/sharding.py``; checkpoints become sharded, ``precision="bf16"`` becomes
+    bf16 parameters with fp32 reduction). Under ``"fsdp"``: ``fsdp_blocks`` names the module
+    classes sharded as units of their own (a VAE's ``ResBlock``; empty: only the role
+    submodules ``encoder``/``decoder``/``discriminator`` that exist, and the root);
+    ``fsdp_mesh`` is None (one dimension over every rank) or ``(replicate, shard)`` (HSDP, e.g.
+    ``(nodes, gpus_per_node)``); ``fsdp_reshard_after_forward`` frees the gathered parameters
+    after each unit's forward (less memory, one more all-gather in the backward);
+    ``fsdp_forward_methods`` names model methods run outside ``forward`` (``"sample"``,
+    ``"decoder.logits"``) so that they gather their parameters.
     """
 
     epochs: int = attrs.field(default=1, validator=positive_int)
@@ -83,6 +119,13 @@ class EngineConfig:
     run_name: str | None = attrs.field(default=None, validator=optional(plain_folder_name))
     distributed_timeout_s: float = attrs.field(default=600.0, validator=finite_positive_number)
     eval_with_grad: bool = attrs.field(default=False, validator=is_bool)
+    parallel: Parallel = attrs.field(default="ddp", validator=one_of("ddp", "fsdp"))
+    fsdp_blocks: tuple[str, ...] = attrs.field(default=(), converter=_tuple, validator=_names)
+    fsdp_mesh: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple, validator=_mesh)
+    fsdp_reshard_after_forward: bool = attrs.field(default=True, validator=is_bool)
+    fsdp_forward_methods: tuple[str, ...] = attrs.field(
+        default=(), converter=_tuple, validator=_names
+    )
 
     @property
     def effective_eval_batch_size(self) -> int:
