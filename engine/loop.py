@@ -59,6 +59,7 @@ from engine.run_setup import (
     read_resume,
     restore_training,
     setup_strategy,
+    shard,
 )
 from engine.seeding import seed_everything
 from engine.state import FitResult, Progress, RunState
@@ -139,7 +140,10 @@ class Engine:
         """
         with process_group(self.config.device, self.config.distributed_timeout_s):
             prepared = self._prepare(model, train, eval, resume)
-            self._train(prepared, model)
+            try:
+                self._train(prepared, model)
+            finally:
+                prepared.context.release()  # each role's DDP lets go of the process group
             return _result(prepared.run, self._stop_requested)
 
     def _prepare(self, model: torch.nn.Module, train: Any, eval: Any, resume: Any) -> PreparedRun:
@@ -148,6 +152,7 @@ class Engine:
         checkpoint = read_resume(resume, config)
         device = place_model(model, config, world)
         ctx = make_context(config, device, Progress(), world, self.forward)
+        shard(model, config, ctx)
         setup_strategy(self.strategy, model, ctx)
         train_batches = make_train_batches(train, config, ctx)
         eval_batches = None if eval is None else make_eval_batches(eval, config, ctx)

@@ -20,6 +20,7 @@ from engine.config.validators import instance_of, optional, positive_number
 from engine.context import StepContext
 from engine.distributed.collectives import World, all_ranks_agree
 from engine.distributed.replication import RoleReplica, finish_window, gradient_sync
+from engine.distributed.sharding import sharded_backward
 from engine.errors import ConfigError
 
 
@@ -131,6 +132,8 @@ def backward_isolated(
     ``inputs=``, which reaches the same parameters and spares autograd's input bookkeeping.
     ``sync`` says whether these backwards average the gradients over the ranks as they run
     (``engine/distributed/replication.py``); by default, those of the window's last micro-batch.
+    Under FSDP2 (``ctx.sharding``) ``inputs=`` can not reach the sharded parameters: a plain
+    backward runs and what it leaks into the other groups is dropped (``sharded_backward``).
     """
     merged: list[tuple[torch.Tensor, list[Update]]] = []
     for update, loss in pairs:
@@ -155,7 +158,11 @@ def backward_isolated(
                     if len(sharers) == 1
                     else [p for u in sharers for p in u.params]
                 )
-                _backward_into(loss, params, retain_graph=index < last)
+                if ctx.sharding is not None:  # FSDP2: inputs= can not reach the shards
+                    with sharded_backward(ctx.sharding, params):
+                        loss.backward(retain_graph=index < last)
+                else:
+                    _backward_into(loss, params, retain_graph=index < last)
         for update in sharers:
             update.pending = True
 
