@@ -35,7 +35,7 @@ from engine.config.engine_config import EngineConfig
 from engine.context import ForwardFn, StepContext
 from engine.data.batches import Batches, known_length, make_batches
 from engine.distributed.collectives import World, broadcast_module, current_world
-from engine.distributed.sharding import ShardingPlan, shard_model
+from engine.distributed.sharding import ShardingPlan, model_class_name, shard_model
 from engine.errors import ConfigError, StrategyError
 from engine.hardware.device import resolve_device
 from engine.hardware.precision import autocast_factory, make_scaler
@@ -289,7 +289,7 @@ def describe_start(model: torch.nn.Module, config: EngineConfig, run: RunState) 
         else f" (FSDP2: {len(sharding.units)} units on mesh {tuple(sharding.mesh.shape)})"
     )
     return (
-        f"fit start: {type(model).__name__} ({trainable:,} trainable parameters) on {device}, "
+        f"fit start: {model_class_name(model)} ({trainable:,} trainable parameters) on {device}, "
         f"precision {config.precision}, {world.world_size} process(es){parallel}, "
         f"run folder {run.run_dir}"
     )

@@ -28,13 +28,15 @@ state when saved (it never received a gradient) has none after loading.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -113,11 +115,12 @@ def save_sharded(
         staging.mkdir(parents=True)
     _barrier(world)
     states, with_state = _optimizer_states(model, optimizers)
-    dcp.save(
-        {"model": get_model_state_dict(model), "optimizers": states},
-        storage_writer=FileSystemWriter(staging / SHARDS, sync_files=durable),
-        no_dist=not world.is_distributed,
-    )
+    with _one_process_is_meant(world):
+        dcp.save(
+            {"model": get_model_state_dict(model), "optimizers": states},
+            storage_writer=FileSystemWriter(staging / SHARDS, sync_files=durable),
+            no_dist=not world.is_distributed,
+        )
     if shards_written is not None:
         shards_written()
     full = full_model_state(model)
@@ -156,6 +159,15 @@ def agreed(value: Any, world: World) -> Any:
     chosen = [value]
     dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
+
+
+@contextlib.contextmanager
+def _one_process_is_meant(world: World) -> Iterator[None]:
+    """Without DCP's warning that it assumes one process, where one process is meant."""
+    with warnings.catch_warnings():
+        if not world.is_distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _agreed_stamp(world: World) -> str:
@@ -325,12 +337,13 @@ def load_sharded(
         for role, names in with_state.items()
         if names
     }
-    dcp.load(
-        {"model": model_state, "optimizers": templates},
-        storage_reader=FileSystemReader(path / SHARDS),
-        planner=DefaultLoadPlanner(allow_partial_load=True),
-        no_dist=not world.is_distributed,
-    )
+    with _one_process_is_meant(world):
+        dcp.load(
+            {"model": model_state, "optimizers": templates},
+            storage_reader=FileSystemReader(path / SHARDS),
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+            no_dist=not world.is_distributed,
+        )
     set_model_state_dict(model, model_state)
     groups = training.pop("optimizer_groups")
     for role, optimizer in optimizers.items():

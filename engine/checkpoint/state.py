@@ -36,6 +36,7 @@ from loguru import logger
 
 from engine.checkpoint.format import FULL, SHARDED, LoadedCheckpoint
 from engine.config.specs import role_specs
+from engine.distributed.sharding import model_class_name
 from engine.errors import CheckpointError
 from engine.seeding import rng_states, seed_everything, set_rng_states
 
@@ -169,7 +170,7 @@ def _training_and_meta(
         "world_size": 1 if ctx is None else ctx.world.world_size,
         "strategy": type(run.strategy).__name__,
         "optimizers": optimizer_specs(run.strategy),
-        "model": type(run.model).__name__,
+        "model": model_class_name(run.model),
         "monitor": {"name": run.monitor, "value": monitor_value, "mode": run.config.monitor_mode},
         "saved_at_ns": time.time_ns(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -249,3 +249,13 @@ def is_sharded_model(model: nn.Module) -> bool:
     """Whether FSDP2 sharded ``model`` or one of its submodules (its forwards are then
     collective: every rank must run as many)."""
     return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The class name of ``model`` as its author wrote it (FSDP2 gives a sharded module a class
+    of its own, ``FSDP<name>``)."""
+    if isinstance(model, FSDPModule):
+        for cls in type(model).__mro__[1:]:
+            if issubclass(cls, nn.Module) and not issubclass(cls, FSDPModule):
+                return cls.__name__
+    return type(model).__name__
