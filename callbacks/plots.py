@@ -1,6 +1,10 @@
 """PNG plots in the run folder: a loss curve per metric, and for autoencoders a grid of inputs,
 their reconstructions and samples from the prior. Also the image helpers that trackers share.
 
+The grid shows the run's ``EMA`` weights when the run keeps an EMA (``ema=None``, the default;
+``ema=True`` requires one, ``ema=False`` shows the raw weights), and its panel titles say which
+weights they show; the raw weights come back bitwise after drawing.
+
 matplotlib is an optional extra (``strategy-engine[plots]``), imported when a ``Plots`` is made;
 figures are drawn on matplotlib's Agg canvas directly, so no global backend is ever switched.
 """
@@ -15,7 +19,9 @@ from typing import Any
 import attrs
 import torch
 
+from callbacks.ema import EMA
 from callbacks.extras import require_extra
+from callbacks.generation import check_ema_choice, ema_weights, find_emas
 from engine.config.validators import figsize_inches, positive_int
 from engine.errors import ConfigError, ModelOutputError
 from engine.state import RunState
@@ -160,14 +166,25 @@ def save_image_grid(
     figure.savefig(path, dpi=dpi)
 
 
+def weights_label(emas: list[EMA]) -> str:
+    """Which weights a picture shows: ``"raw weights"``, or ``"EMA weights of model.generator"``
+    (of each averaged module; ``the whole model`` for an EMA of all of it)."""
+    if not emas:
+        return "raw weights"
+    names = ["the whole model" if ema.module is None else f"model.{ema.module}" for ema in emas]
+    return "EMA weights of " + ", ".join(names)
+
+
 @attrs.define(eq=False)
 class Plots:
     """PNGs in ``run_dir/<folder>/``, redrawn at every ``every``-th EPOCH_END on rank 0.
 
     ``loss_<name>.png`` per metric (train and eval curves of ``train/<name>``/``eval/<name>``);
     with an ``image_batch`` (e.g. ``{"data": first_16_images}``; the CLI passes the first eval
-    samples), ``images.png`` shows those inputs, the model's ``recon_x`` and ``model.sample(n)``.
-    Every PNG is ``figsize`` inches at ``dpi`` (so ``figsize[0] * dpi`` pixels wide).
+    samples), ``images.png`` shows those inputs, the model's ``recon_x`` and ``model.sample(n)``,
+    with the run's EMA weights where ``ema`` is True, or None and the run has an ``EMA``
+    callback (the titles say which weights). Every PNG is ``figsize`` inches at ``dpi`` (so
+    ``figsize[0] * dpi`` pixels wide).
     """
 
     image_batch: Any = None
@@ -177,13 +194,26 @@ class Plots:
     figsize: tuple[float, float] = attrs.field(default=(6.4, 4.8), validator=figsize_inches)
     dpi: int = attrs.field(default=100, validator=positive_int)
     folder: str = "plots"
+    ema: bool | None = attrs.field(default=None, validator=check_ema_choice)
     priority: int = 0
     _drawn_epoch: int = attrs.field(default=-1, init=False)
+    _emas: list[EMA] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         require_extra("matplotlib", "plots", "Plots")
         if self.image_batch is not None:
             _inputs_of(self.image_batch)
+        elif self.ema is True:
+            raise ConfigError(
+                "Plots(ema=True) chooses the weights images.png shows, but there is no "
+                "image_batch to draw images of"
+            )
+
+    def on_fit_start(self, run: RunState) -> None:
+        """Find the run's EMA (``ema=True`` without one is a ``ConfigError`` here)."""
+        self._emas = find_emas(run, self.ema, "Plots") if self.image_batch is not None else []
+        if self._emas and run.is_main_process and run.log is not None:
+            run.log.info(f"Plots draws images.png with the {weights_label(self._emas)}")
 
     def on_epoch_end(self, run: RunState) -> None:
         if run.progress.epoch % self.every == 0:
@@ -210,7 +240,13 @@ class Plots:
             path = folder / f"loss_{name.replace('/', '_')}.png"
             save_loss_curve(path, name, run.history, self.figsize, self.dpi)
         if self.image_batch is not None:
-            images = autoencoder_images(run, self.image_batch, self.num_samples)
-            save_image_grid(folder / "images.png", images, self.columns, self.figsize, self.dpi)
+            with ema_weights(self._emas):
+                images = autoencoder_images(run, self.image_batch, self.num_samples)
+            label = weights_label(self._emas)
+            titled = {
+                name if name == "inputs" else f"{name} ({label})": values
+                for name, values in images.items()
+            }
+            save_image_grid(folder / "images.png", titled, self.columns, self.figsize, self.dpi)
         self._drawn_epoch = run.progress.epoch
         run.paths["plots"] = folder
