@@ -175,16 +175,29 @@ def weights_label(emas: list[EMA]) -> str:
     return "EMA weights of " + ", ".join(names)
 
 
+def titled_images(images: Mapping[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
+    """The panels of ``images.png`` by title: the model's pictures titled with ``label`` (which
+    weights drew them), after the inputs they reconstruct; a model with no reconstructions (a
+    GAN) has nothing to compare its inputs with, so they are left out."""
+    titled = {}
+    if "reconstructions" in images:
+        titled["inputs"] = images["inputs"]
+    for name, values in images.items():
+        if name != "inputs":
+            titled[f"{name} ({label})"] = values
+    return titled
+
+
 @attrs.define(eq=False)
 class Plots:
     """PNGs in ``run_dir/<folder>/``, redrawn at every ``every``-th EPOCH_END on rank 0.
 
     ``loss_<name>.png`` per metric (train and eval curves of ``train/<name>``/``eval/<name>``);
     with an ``image_batch`` (e.g. ``{"data": first_16_images}``; the CLI passes the first eval
-    samples), ``images.png`` shows those inputs, the model's ``recon_x`` and ``model.sample(n)``,
-    with the run's EMA weights where ``ema`` is True, or None and the run has an ``EMA``
-    callback (the titles say which weights). Every PNG is ``figsize`` inches at ``dpi`` (so
-    ``figsize[0] * dpi`` pixels wide).
+    samples), ``images.png`` shows those inputs (left out where the model gives no ``recon_x``:
+    a GAN), the model's ``recon_x`` and ``model.sample(n)``, with the run's EMA weights where
+    ``ema`` is True, or None and the run has an ``EMA`` callback (the titles say which weights).
+    Every PNG is ``figsize`` inches at ``dpi`` (so ``figsize[0] * dpi`` pixels wide).
     """
 
     image_batch: Any = None
@@ -242,11 +255,7 @@ class Plots:
         if self.image_batch is not None:
             with ema_weights(self._emas):
                 images = autoencoder_images(run, self.image_batch, self.num_samples)
-            label = weights_label(self._emas)
-            titled = {
-                name if name == "inputs" else f"{name} ({label})": values
-                for name, values in images.items()
-            }
+            titled = titled_images(images, weights_label(self._emas))
             save_image_grid(folder / "images.png", titled, self.columns, self.figsize, self.dpi)
         self._drawn_epoch = run.progress.epoch
         run.paths["plots"] = folder

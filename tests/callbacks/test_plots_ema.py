@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from callbacks import EMA, Plots
-from callbacks.plots import weights_label
+from callbacks.plots import titled_images, weights_label
 from engine import ConfigError, Engine, EngineConfig, OptimizerSpec
 from strategies import Standard
 from tests.callbacks.test_plots import png_size
@@ -120,3 +120,15 @@ def test_the_titles_say_which_weights() -> None:
     assert weights_label([]) == "raw weights"
     assert weights_label([EMA(module="generator")]) == "EMA weights of model.generator"
     assert weights_label([EMA()]) == "EMA weights of the whole model"
+
+
+def test_panels_are_titled_with_the_weights_and_a_gan_shows_no_inputs() -> None:
+    images = {name: torch.zeros(2, 1, 4, 4) for name in ("inputs", "reconstructions", "samples")}
+    assert list(titled_images(images, "raw weights")) == [
+        "inputs",
+        "reconstructions (raw weights)",
+        "samples (raw weights)",
+    ]
+    generated = {name: torch.zeros(2, 1, 4, 4) for name in ("inputs", "samples")}
+    label = "EMA weights of model.generator"
+    assert list(titled_images(generated, label)) == [f"samples ({label})"]
