@@ -113,12 +113,16 @@ def compile_step(train_step: TrainStep, cuda_graphs: bool = False) -> TrainStep:
 
 @contextlib.contextmanager
 def step_settings(multi_loss: bool) -> Iterator[None]:
-    """Dynamo traces ``Tensor.backward``/``autograd.grad`` into the graph; buffer donation off
-    for several losses (a backward that falls back to AOT autograd may run twice)."""
-    with (
-        dynamo_config.patch(trace_autograd_ops=True, nested_graph_breaks=True),
-        compiled_backward_settings(True, 2 if multi_loss else 1),
-    ):
+    """While a compiled step trains: dynamo traces ``Tensor.backward``/``autograd.grad`` into
+    the graph and resumes after a graph break inside a nested call (the optimiser steps are
+    called from inside the strategy's helpers); a frame dynamo itself fails on (a torch bug,
+    e.g. a frozen attrs class built inside the step) runs eagerly with a warning instead of
+    failing the run; buffer donation is off for several losses (a backward that falls back to
+    AOT autograd may run twice through one graph)."""
+    patch = dynamo_config.patch(
+        trace_autograd_ops=True, nested_graph_breaks=True, suppress_errors=True
+    )
+    with patch, compiled_backward_settings(True, 2 if multi_loss else 1):
         yield
 
 
