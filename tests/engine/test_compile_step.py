@@ -94,7 +94,7 @@ class StepToy(nn.Module):
         }
 
 
-def _case(kind: str) -> tuple[nn.Module, Any]:
+def step_case(kind: str) -> tuple[nn.Module, Any]:
     """A model and strategy of ``kind`` (``tests/engine/checkpoint_cases.py``'s optimisers)."""
     torch.manual_seed(0)
     if kind == "standard":
@@ -112,7 +112,7 @@ def _case(kind: str) -> tuple[nn.Module, Any]:
 
 
 def _train(kind: str, compile: Any, samples: int = 37) -> dict[str, torch.Tensor]:
-    model, strategy = _case(kind)
+    model, strategy = step_case(kind)
     config = EngineConfig(
         epochs=2, batch_size=8, shuffle=False, device="cpu", output_dir=None, compile=compile
     )
