@@ -107,10 +107,13 @@ class Prepared:
 
 
 def strategy_classes() -> dict[str, type]:
-    """The strategies a config can name, by class name."""
+    """The strategies a config can name, by class name: those ``strategies`` exports, and
+    ``SharedGraphUpdates`` (pythae's update arithmetic, for any model; it needs no pythae)."""
     import strategies
+    from strategies.pythae.shared_graph import SharedGraphUpdates
 
     found = {name: getattr(strategies, name) for name in strategies.__all__}
+    found[SharedGraphUpdates.__name__] = SharedGraphUpdates
     return {
         name: value
         for name, value in found.items()
@@ -138,7 +141,6 @@ def build_strategy(config: RunConfig) -> Any:
     if spec is None:
         raise ConfigError("a [pythae] config has no [strategy]: its strategy comes from pythae")
     known = strategy_classes()
-    known.update(shared_graph_class())
     if ":" in spec.name:
         cls = import_object("strategy.name", spec.name)
     elif spec.name in known:
@@ -160,14 +162,6 @@ def build_strategy(config: RunConfig) -> Any:
     check_arguments("strategy", cls, args)
     args.update(_strategy_objects(spec, args))
     return call_factory(FactoryRef("strategy", spec.name, args), cls)
-
-
-def shared_graph_class() -> dict[str, type]:
-    """``SharedGraphUpdates`` (pythae's update arithmetic for any model; pythae itself is not
-    needed for it), by name."""
-    from strategies.pythae.shared_graph import SharedGraphUpdates
-
-    return {"SharedGraphUpdates": SharedGraphUpdates}
 
 
 def _strategy_objects(spec: Any, args: Mapping[str, Any]) -> dict[str, Any]:
