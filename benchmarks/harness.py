@@ -2,7 +2,9 @@
 
 A ``Runner`` prepares fresh state outside the clock (a copy of the same initial model, its own
 optimiser) and returns a function that trains one epoch and returns how many steps it ran. The
-clock covers that function only. On CUDA the interval is taken with CUDA events recorded at the
+clock covers that function only; a function that must warm up first (a compiled engine: its
+first epoch compiles) times itself instead and returns a ``Timed``, whose warm-up is reported
+apart. On CUDA the interval is taken with CUDA events recorded at the
 edges, with one synchronisation after the epoch; nothing inside the epoch synchronises.
 
 On the CPU with one torch thread, the default clock is the CPU time of the calling thread
@@ -15,12 +17,52 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import torch
 
-EpochFn = Callable[[], int]
+
+@attrs.frozen
+class Timed:
+    """What an epoch function that times itself returns (a compiled engine, say, whose first
+    epoch compiles): its timed steps, the seconds of the timed part by clock (``cpu``,
+    ``wall``, and ``cuda`` on a GPU; see ``Marks``), and the seconds of what ran before it
+    (the warm-up, reported apart)."""
+
+    steps: int
+    seconds: Mapping[str, float]
+    warmup: Mapping[str, float]
+
+
+EpochFn = Callable[[], int | Timed]
+
+
+@attrs.frozen
+class Marks:
+    """One instant on every clock the harness reads: thread CPU time, wall time, and a CUDA
+    event recorded on the current stream on a GPU (read after a synchronisation)."""
+
+    cpu: float
+    wall: float
+    cuda: Any = None
+
+    @classmethod
+    def now(cls, device: torch.device) -> Marks:
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return cls(time.thread_time(), time.perf_counter(), event)
+
+    def until(self, later: Marks) -> dict[str, float]:
+        """Seconds from this mark to ``later`` on each clock (CUDA's once it has finished)."""
+        seconds = {"cpu": later.cpu - self.cpu, "wall": later.wall - self.wall}
+        if self.cuda is not None and later.cuda is not None:
+            later.cuda.synchronize()
+            seconds["cuda"] = self.cuda.elapsed_time(later.cuda) / 1000.0
+        return seconds
 
 
 @attrs.frozen
@@ -39,6 +81,8 @@ class Timing:
     batch_size: int
     ms_per_step: tuple[float, ...]
     peak_bytes: int | None = None
+    warmup_s: tuple[float, ...] = ()  # per kept round, for runners that time themselves
+    first_warmup_s: float | None = None  # the first round's (cold: the process compiles)
 
     @property
     def median(self) -> float:
@@ -62,20 +106,28 @@ def default_clock(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
-def time_epoch(epoch: EpochFn, device: torch.device, clock: str = "wall") -> tuple[float, int]:
-    """Seconds for one epoch and its step count, synchronising only at the edges."""
+def time_epoch(
+    epoch: EpochFn, device: torch.device, clock: str = "wall"
+) -> tuple[float, int, float | None]:
+    """Seconds for one epoch, its step count and, for an epoch that times itself (``Timed``),
+    its warm-up seconds; synchronising only at the edges."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
-        steps = epoch()
+        result = epoch()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0, steps
-    now = time.thread_time if clock == "cpu" else time.perf_counter
-    started = now()
-    steps = epoch()
-    return now() - started, steps
+        seconds = start.elapsed_time(end) / 1000.0
+    else:
+        now = time.thread_time if clock == "cpu" else time.perf_counter
+        started = now()
+        result = epoch()
+        seconds = now() - started
+    if isinstance(result, Timed):
+        key = "cuda" if device.type == "cuda" else clock
+        return result.seconds[key], result.steps, result.warmup[key]
+    return seconds, result, None
 
 
 def interleave(
@@ -90,6 +142,8 @@ def interleave(
     rounds are run but not kept. On CUDA, peak memory per runner is recorded too."""
     clock = clock or default_clock(device)
     times: dict[str, list[float]] = {runner.name: [] for runner in runners}
+    warmups: dict[str, list[float]] = {runner.name: [] for runner in runners}
+    first_warmup: dict[str, float] = {}
     peaks: dict[str, int] = {}
     for round_index in range(warmup + repeats):
         shift = round_index % len(runners)
@@ -97,15 +151,26 @@ def interleave(
             epoch = runner.prepare()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, steps = time_epoch(epoch, device, clock)
+            seconds, steps, warmup_seconds = time_epoch(epoch, device, clock)
             if device.type == "cuda":
                 peaks[runner.name] = max(
                     peaks.get(runner.name, 0), torch.cuda.max_memory_allocated(device)
                 )
+            if warmup_seconds is not None:
+                first_warmup.setdefault(runner.name, warmup_seconds)
             if round_index >= warmup:
                 times[runner.name].append(seconds * 1000.0 / steps)
+                if warmup_seconds is not None:
+                    warmups[runner.name].append(warmup_seconds)
     return [
-        Timing(runner.name, batch_size, tuple(times[runner.name]), peaks.get(runner.name))
+        Timing(
+            runner.name,
+            batch_size,
+            tuple(times[runner.name]),
+            peaks.get(runner.name),
+            tuple(warmups[runner.name]),
+            first_warmup.get(runner.name),
+        )
         for runner in runners
     ]
 
@@ -136,6 +201,14 @@ def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:
             f"{paired_ratio(t, base):.3f} | {t.low / base.low:.3f} | "
             f"{t.samples_per_second:,.0f} | {memory} |"
         )
+    for t in timings:
+        if t.first_warmup_s is not None:
+            later = f"{statistics.median(t.warmup_s):.2f} s" if t.warmup_s else "-"
+            lines.append(
+                f"\n{t.name}: timed is its second epoch (no fit setup in it); compilation (its "
+                f"first epoch's time beyond the timed one's): {t.first_warmup_s:.1f} s in the "
+                f"process's first fit, {later} in later fits (median)"
+            )
     return "\n".join(lines)
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.harness import EpochFn, Runner
-from engine import Engine, EngineConfig, OptimizerSpec
+from benchmarks.harness import EpochFn, Marks, Runner, Timed
+from engine import Engine, EngineConfig, Event, OptimizerSpec
 from strategies import Standard
 
 ModelFactory = Callable[[], torch.nn.Module]
@@ -124,6 +124,55 @@ def engine_epoch(
         return engine.fit(model, data).steps
 
     return epoch
+
+
+def compiled_epoch(
+    model: torch.nn.Module,
+    strategy: Any,
+    data: Any,
+    batch_size: int,
+    device: torch.device,
+    mode: str = "step",
+) -> EpochFn:
+    """Two epochs of ``Engine.fit`` with ``compile=mode`` (``"step"``: CUDA graphs on a GPU):
+    the first compiles (in a process's first fit) and is the warm-up; the second is timed
+    between its EPOCH_START and EPOCH_END, so the fit's setup is not in it."""
+    config = EngineConfig(
+        epochs=2, batch_size=batch_size, device=str(device), output_dir=None, compile=mode
+    )
+    engine = Engine(strategy, config)
+    marks: list[Marks] = []
+    engine.on(Event.EPOCH_START, lambda run: marks.append(Marks.now(device)))
+    engine.on(Event.EPOCH_END, lambda run: marks.append(Marks.now(device)))
+
+    def epoch() -> Timed:
+        marks.clear()
+        steps = engine.fit(model, data).steps // 2
+        first, second = marks[0].until(marks[1]), marks[2].until(marks[3])
+        warmup = {key: first[key] - second[key] for key in first}
+        return Timed(steps, second, warmup)
+
+    return epoch
+
+
+def compiled_runner(
+    make_strategy: Callable[[], Any],
+    template: torch.nn.Module,
+    data: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    mode: str = "step",
+) -> Runner:
+    """The engine with ``compile=mode`` on a copy of ``template``."""
+    on_device = data.to(device)
+    graphs = ", CUDA graphs" if device.type == "cuda" and mode == "step" else ""
+
+    def prepare() -> EpochFn:
+        model = fresh(template, device)
+        strategy = make_strategy()
+        return compiled_epoch(model, strategy, {"data": on_device}, batch_size, device, mode)
+
+    return Runner(f"engine, compile={mode}{graphs}", prepare)
 
 
 def standard_runners(

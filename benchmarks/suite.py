@@ -2,15 +2,19 @@
 
 Per workload and batch size, our ``Engine`` (with the workload's strategy) runs against the
 floor (a hand-written loop over slices of a pre-shuffled copy, same optimiser implementation),
-a hand-written loop with torch's default Adam, a hand-written ``DataLoader`` loop, and, on the
-``Standard`` workloads, pythae, Ignite and Lightning where installed. Then: cold start, peak RSS
-of one run per trainer, and scaling with dataset size. On CUDA, timings use CUDA events at the
+a hand-written loop with torch's default Adam, a hand-written ``DataLoader`` loop, the engine
+with ``compile="step"`` (its whole train step compiled; CUDA graphs on a GPU), and, on the
+``Standard`` workloads, pythae, Ignite and Lightning where installed. The compiled engine's
+timed epoch is the second of a two-epoch fit; its first epoch (compilation) is reported under
+the table, for the first fit of the process and for later fits. Then: cold start, peak RSS of
+one run per trainer, and scaling with dataset size. On CUDA, timings use CUDA events at the
 edges and the table's memory column is ``torch.cuda.max_memory_allocated``. Run from the
 repository root::
 
     python benchmarks/suite.py            # default run (a few minutes on 2 CPU cores)
     python benchmarks/suite.py --quick    # fewer repeats and samples
-    python benchmarks/suite.py --tiny     # seconds: checks that every part runs
+    python benchmarks/suite.py --tiny     # seconds: checks that every part runs (no compile)
+    python benchmarks/suite.py --no-compile   # without the compiled engine (minutes less)
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def speed(args: argparse.Namespace, device: torch.device, peers: list[str]) -> l
         samples = max(256, int(workload.samples * args.scale))
         data = workload.data(samples)
         for batch_size in args.batch_sizes:
-            runners = workload.runners(data, batch_size, device, peers)
+            runners = workload.runners(data, batch_size, device, peers, compiled=args.compile)
             timings = interleave(
                 runners, batch_size, args.repeats, device, warmup=args.warmup, clock=args.clock
             )
@@ -98,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--no-peers", action="store_true", help="skip pythae, Ignite, Lightning")
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help='skip the engine with compile="step" (its first fit compiles for a minute or so)',
+    )
     parser.add_argument("--quick", action="store_true", help="3 repeats, a quarter of the data")
     parser.add_argument("--tiny", action="store_true", help="a few steps of everything")
     parser.add_argument("--output", type=Path, help="also write the report (markdown) here")
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.scale = 3, 0.25
     if args.tiny:
         args.repeats, args.warmup, args.scale, args.batch_sizes = 1, 0, 0.0, [64]
+        args.compile = False
     torch.set_num_threads(args.threads)
     device = device_from(args.device)
     if args.clock == "auto":

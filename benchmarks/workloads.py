@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import torch
 
-from benchmarks.grouped import grouped_runners
+from benchmarks.grouped import STRATEGIES, grouped_runners
 from benchmarks.harness import Runner
-from benchmarks.loops import ModelFactory, standard_runners
+from benchmarks.loops import LR, ModelFactory, compiled_runner, standard_runners
 from benchmarks.models import ConvVAE
 from benchmarks.peers import PEER_RUNNERS
+from engine import OptimizerSpec
 from examples.models import RAEL2, VAE, VAEGAN, AdversarialAE
+from strategies import Standard
 
 
 @attrs.frozen
@@ -37,15 +40,37 @@ class Workload:
         batch_size: int,
         device: torch.device,
         peers: list[str],
+        compiled: bool = False,
     ) -> list[Runner]:
+        """The floor first, then the engine, the other loops, the compiled engine (when
+        ``compiled``) and the peers."""
         if self.strategy != "Standard":
-            return grouped_runners(self.strategy, self.make_model, data, batch_size, device)
+            runners = grouped_runners(self.strategy, self.make_model, data, batch_size, device)
+            if compiled:
+                runners.append(self.compiled_runner(data, batch_size, device))
+            return runners
         runners = standard_runners(self.make_model, data, batch_size, device)
+        if compiled:
+            runners.append(self.compiled_runner(data, batch_size, device))
         if self.peers:
             torch.manual_seed(0)
             template = self.make_model()
             runners += [PEER_RUNNERS[peer](template, data, batch_size, device) for peer in peers]
         return runners
+
+    def compiled_runner(
+        self, data: torch.Tensor, batch_size: int, device: torch.device, mode: str = "step"
+    ) -> Runner:
+        """The engine with ``compile=mode`` and this workload's strategy (fused Adam)."""
+        if self.strategy == "Standard":
+
+            def make_strategy() -> Any:
+                return Standard(OptimizerSpec("Adam", lr=LR))
+
+        else:
+            make_strategy = STRATEGIES[self.strategy][0]
+        torch.manual_seed(0)
+        return compiled_runner(make_strategy, self.make_model(), data, batch_size, device, mode)
 
 
 def _mlp(cls: Callable[..., torch.nn.Module], shape: tuple[int, ...], **kw: int) -> ModelFactory:
