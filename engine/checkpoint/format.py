@@ -386,9 +386,10 @@ def load_torch_file(path: Path, data: bytes | None = None, mmap: bool = False) -
     """``torch.load(weights_only=True)`` on the CPU (``mmap``: the file's tensors mapped, not
     read); refusals become ``CheckpointError``."""
     source: Any = io.BytesIO(data) if data is not None else path
-    extra = {"mmap": True} if mmap and data is None else {}
     try:
-        return torch.load(source, map_location="cpu", weights_only=True, **extra)
+        if mmap and data is None:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:
         text = str(error)
         if "weights_only" in text or "Unsupported" in text or "global" in text.lower():
