@@ -145,10 +145,10 @@ def test_update_flags_returned_as_device_tensors_are_read_once_each_per_step() -
 
 
 HOST_READS: dict[str, Callable[[torch.Tensor], Any]] = {
-    "item": lambda t: t.item(),
+    "item": lambda t: t.detach().item(),
     "bool": lambda t: bool(t > 0),
-    "float": lambda t: float(t),
-    "int": lambda t: int(t),
+    "float": lambda t: float(t.detach()),
+    "int": lambda t: int(t.detach()),
     "is_nonzero": lambda t: torch.is_nonzero(t),
     "if": lambda t: 1 if t > 0 else 0,
     "to_cpu": lambda t: t.detach().to("cpu"),
