@@ -164,6 +164,11 @@ def _bad_values(root: Path) -> dict[str, st.SearchStrategy[Any]]:
             st.floats(max_value=0), st.sampled_from([math.inf, math.nan]), _not_number
         ),
         "eval_with_grad": _not_bool,
+        "parallel": st.text(max_size=5).filter(lambda v: v not in ("ddp", "fsdp")),
+        "fsdp_blocks": st.one_of(st.text(min_size=1, max_size=4), st.just(("",)), st.integers()),
+        "fsdp_mesh": st.one_of(st.just((0,)), st.just((1, 2, 2)), st.integers(), st.just(("a",))),
+        "fsdp_reshard_after_forward": _not_bool,
+        "fsdp_forward_methods": st.one_of(st.text(min_size=1, max_size=4), st.just((3,))),
     }
 
 
