@@ -198,8 +198,10 @@ def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
         return _apply_updates_eagerly(updates, ctx)
     if not ctx.is_update_step:
         return
-    stepped = [step_update(update, ctx) for update in updates]
-    if ctx.scaler is not None and any(stepped):
+    stepped = False
+    for update in updates:  # a loop, not a comprehension: no frame of its own, per batch
+        stepped |= step_update(update, ctx)
+    if stepped and ctx.scaler is not None:
         ctx.scaler.update()
 
 
