@@ -28,6 +28,9 @@ SHORT = [
     "engine.log_every=1",
     'engine.run_name="run"',
 ]
+# A short run has a handful of optimiser windows: settings counted in windows must fit in it
+# (pre-flight refuses a disc_start beyond the run).
+SHORT_RUN_OVERRIDES = {"vqgan_digits": ("strategy.disc_start=2",)}
 
 
 def short(tmp_path: Path, *extra: str) -> list[str]:
@@ -59,7 +62,10 @@ def read_jsonl(path: Path) -> list[dict[str, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_example_config_trains_one_short_epoch(config: Path, tmp_path: Path) -> None:
-    assert main(["fit", str(config), *short(tmp_path)]) == 0
+    if "[pythae]" in config.read_text():
+        pytest.importorskip("pythae")
+    extra = SHORT_RUN_OVERRIDES.get(config.stem, ())
+    assert main(["fit", str(config), *short(tmp_path, *extra)]) == 0
     run_dir = tmp_path / "run"
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert len(history) == 1 and history[0]["epoch"] == 0
@@ -235,6 +241,7 @@ _junk = st.recursive(
 @settings(
     max_examples=60,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(data=st.data())
@@ -246,7 +253,9 @@ def test_malformed_configs_fail_with_our_error_before_training(
     short run: ``engine.max_steps=2``), exit 0, or refuses it with exactly one ``error:`` line,
     exit 2, no traceback and nothing written; whatever building refused, the CLI refuses."""
     raw: dict[str, Any] = json.loads(json.dumps(VALID))
-    paths = _paths(raw)
+    # The CLI run below overrides these two keys itself: a bad value there would be replaced.
+    overridden = {("engine", "output_dir"), ("engine", "max_steps")}
+    paths = [path for path in _paths(raw) if tuple(path) not in overridden]
     path = data.draw(st.sampled_from(paths))
     parent: Any = raw
     for key in path[:-1]:

@@ -84,13 +84,20 @@ def test_two_phase_evaluation_runs_both_phases_and_reports_both_losses() -> None
     assert _adam_steps(strategy, "generator") == 2
 
 
-def test_two_phase_monitors_the_discriminator_loss_by_default_which_every_epoch_has() -> None:
+def test_two_phase_monitors_nothing_by_default_and_the_discriminator_loss_when_named() -> None:
+    """A GAN's losses are no quality measure: no default monitor (issue 11); a monitor the user
+    names on the discriminator's loss is found in every epoch (the generator's is not)."""
     adam = OptimizerSpec("Adam", lr=1e-3)
     strategy = Adversarial(generator=adam, discriminator=adam, two_phase=True, n_critic=5)
     assert strategy.loss_keys == ("discriminator_loss", "autoencoder_loss")
     assert Adversarial(generator=adam, discriminator=adam).loss_keys[0] == "autoencoder_loss"
     engine = Engine(strategy, EngineConfig(epochs=3, batch_size=4, output_dir=None, seed=0))
-    result = engine.fit(CoupledToy(), {"data": torch.randn(12, 3)})  # 3 windows per epoch
+    assert engine.fit(CoupledToy(), {"data": torch.randn(12, 3)}).monitor is None
+    config = EngineConfig(
+        epochs=3, batch_size=4, output_dir=None, seed=0, monitor="train/discriminator_loss"
+    )
+    strategy = Adversarial(generator=adam, discriminator=adam, two_phase=True, n_critic=5)
+    result = Engine(strategy, config).fit(CoupledToy(), {"data": torch.randn(12, 3)})
     assert result.monitor == "train/discriminator_loss"
     assert "train/autoencoder_loss" not in result.history[0]  # windows 0-2: critic only
     assert "train/autoencoder_loss" in result.history[1]  # window 4: the generator's
