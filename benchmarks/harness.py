@@ -110,7 +110,8 @@ def time_epoch(
     epoch: EpochFn, device: torch.device, clock: str = "wall"
 ) -> tuple[float, int, float | None]:
     """Seconds for one epoch, its step count and, for an epoch that times itself (``Timed``),
-    its warm-up seconds; synchronising only at the edges."""
+    its warm-up's wall-clock seconds (what a user waits; compilers run in worker processes);
+    synchronising only at the edges."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -124,9 +125,11 @@ def time_epoch(
         started = now()
         result = epoch()
         seconds = now() - started
-    if isinstance(result, Timed):
+    if isinstance(
+        result, Timed
+    ):  # its warm-up (compilation, partly in worker processes) in wall time
         key = "cuda" if device.type == "cuda" else clock
-        return result.seconds[key], result.steps, result.warmup[key]
+        return result.seconds[key], result.steps, result.warmup["wall"]
     return seconds, result, None
 
 
@@ -206,7 +209,7 @@ def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:
             later = f"{statistics.median(t.warmup_s):.2f} s" if t.warmup_s else "-"
             lines.append(
                 f"\n{t.name}: timed is its second epoch (no fit setup in it); compilation (its "
-                f"first epoch's time beyond the timed one's): {t.first_warmup_s:.1f} s in the "
+                f"first epoch's wall time beyond the timed one's): {t.first_warmup_s:.1f} s in the "
                 f"process's first fit, {later} in later fits (median)"
             )
     return "\n".join(lines)
