@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.distributed.collectives import World, sum_over_ranks
-from engine.errors import ConfigError, NonFiniteLossError
+from engine.errors import NonFiniteLossError
 
 if TYPE_CHECKING:
     from engine.state import RunState
@@ -151,18 +151,13 @@ def _collective_device() -> torch.device:
 
 
 def track_best(run: RunState, metrics: Mapping[str, float], epoch: int, mode: str) -> None:
-    """Keep ``run.best_value``/``best_epoch`` for the monitored metric of an epoch's summary;
-    a monitor that names no metric of the epoch is an error (an ``eval/`` one waits for an
-    epoch with evaluation)."""
+    """Keep ``run.best_value``/``best_epoch`` for the monitored metric of an epoch's summary.
+    An epoch without it (no evaluation this epoch, or a metric a callback adds later at
+    EPOCH_END, such as ``QualityMetrics``' FID, which then ranks the epoch itself) is skipped:
+    pre-flight has already refused a monitor the run never produces."""
     monitor = run.monitor
-    if monitor is None:
+    if monitor is None or monitor not in metrics:
         return
-    if monitor not in metrics:
-        if monitor.startswith("eval/") and not any(key.startswith("eval/") for key in metrics):
-            return  # no evaluation this epoch
-        raise ConfigError(
-            f"monitored metric {monitor!r} is not among this epoch's metrics {sorted(metrics)}"
-        )
     value = metrics[monitor]
     best = run.best_value
     if best is None or (value < best if mode == "min" else value > best):

@@ -333,7 +333,9 @@ def test_memory_is_flat_over_100_evaluations() -> None:
     assert after_hundred - after_one < 64 * 1024  # Python-side growth over 99 evaluations
 
 
-def fit_with(callbacks: list[Any], tmp_path: Path | None, epochs: int, **extra: Any) -> Any:
+def fit_with(
+    callbacks: list[Any], tmp_path: Path | None, epochs: int, eval: Any = None, **extra: Any
+) -> Any:
     torch.manual_seed(0)
     model = Generator()
     data = {"data": digit_like(32, 2)}
@@ -346,7 +348,7 @@ def fit_with(callbacks: list[Any], tmp_path: Path | None, epochs: int, **extra: 
         **extra,
     )
     engine = Engine(Standard(OptimizerSpec("SGD", lr=0.5)), config, callbacks)
-    return model, engine.fit(model, data)
+    return model, engine.fit(model, data, eval=eval)
 
 
 def small_quality(**extra: Any) -> QualityMetrics:
@@ -363,13 +365,16 @@ def small_quality(**extra: Any) -> QualityMetrics:
     return QualityMetrics(**values)
 
 
+@pytest.mark.parametrize("with_eval_data", [False, True])
 def test_fid_is_the_monitor_of_best_checkpoints_early_stopping_and_the_run(
-    tmp_path: Path,
+    tmp_path: Path, with_eval_data: bool
 ) -> None:
+    """Also with eval data, whose metrics the engine has before the FID exists."""
     stopper = EarlyStopping(monitor="eval/fid", patience=100)
     checkpoints = Checkpointing(monitor="eval/fid", mode="min", durable=False)
+    eval = {"data": digit_like(16, 4)} if with_eval_data else None
     _, result = fit_with(
-        [small_quality(), checkpoints, stopper], tmp_path, epochs=4, monitor="eval/fid"
+        [small_quality(), checkpoints, stopper], tmp_path, 4, eval, monitor="eval/fid"
     )
     values = [record["eval/fid"] for record in result.history]
     assert len(values) == 4 and all(math.isfinite(v) for v in values)
