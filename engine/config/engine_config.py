@@ -13,11 +13,13 @@ from typing import Any, Literal
 import attrs
 
 from engine.config.validators import (
-    Check,
     device_name,
     finite_positive_number,
     is_bool,
+    list_as_tuple,
+    mesh_shape,
     min_or_max,
+    names_tuple,
     non_empty_str,
     non_negative_int,
     one_of,
@@ -41,28 +43,6 @@ def _optional_path(value: Any) -> Path | None:
     if isinstance(value, str) and value:
         return Path(value)
     raise ConfigError(f"output_dir must be a path or None, got {value!r}")
-
-
-def _tuple(value: Any) -> Any:
-    """A list (from a TOML file) as a tuple; anything else as it is, for the check."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-# FSDP's module class names and model methods: a string would be read as its letters.
-_names = Check(
-    "a tuple of non-empty names (e.g. ('ResBlock',))",
-    lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v),
-)
-_mesh = optional(
-    Check(
-        "(shard,) or (replicate, shard), positive integers",
-        lambda v: (
-            isinstance(v, tuple)
-            and len(v) in (1, 2)
-            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
-        ),
-    )
-)
 
 
 @attrs.frozen(kw_only=True)
@@ -120,11 +100,15 @@ class EngineConfig:
     distributed_timeout_s: float = attrs.field(default=600.0, validator=finite_positive_number)
     eval_with_grad: bool = attrs.field(default=False, validator=is_bool)
     parallel: Parallel = attrs.field(default="ddp", validator=one_of("ddp", "fsdp"))
-    fsdp_blocks: tuple[str, ...] = attrs.field(default=(), converter=_tuple, validator=_names)
-    fsdp_mesh: tuple[int, ...] | None = attrs.field(default=None, converter=_tuple, validator=_mesh)
+    fsdp_blocks: tuple[str, ...] = attrs.field(
+        default=(), converter=list_as_tuple, validator=names_tuple
+    )
+    fsdp_mesh: tuple[int, ...] | None = attrs.field(
+        default=None, converter=list_as_tuple, validator=mesh_shape
+    )
     fsdp_reshard_after_forward: bool = attrs.field(default=True, validator=is_bool)
     fsdp_forward_methods: tuple[str, ...] = attrs.field(
-        default=(), converter=_tuple, validator=_names
+        default=(), converter=list_as_tuple, validator=names_tuple
     )
 
     @property

@@ -124,3 +124,27 @@ figsize_inches = Check("two positive numbers (inches)", _is_positive_pair)
 min_or_max = one_of("min", "max")
 # A callback's ``monitor``: a metric name, or None for the run's monitored metric.
 monitor_name = optional(metric_name, metric_name.what)
+
+
+def list_as_tuple(value: Any) -> Any:
+    """Converter: a list (from a TOML or JSON file) as a tuple; anything else as it is, for the
+    validator to judge."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Module class names and model methods (FSDP's): a lone string would be read as its letters.
+names_tuple = Check(
+    "a tuple of non-empty names (e.g. ('ResBlock',))",
+    lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v),
+)
+# A device mesh: (shard,) over every rank, or (replicate, shard) for HSDP.
+mesh_shape = optional(
+    Check(
+        "(shard,) or (replicate, shard), positive integers",
+        lambda v: (
+            isinstance(v, tuple)
+            and len(v) in (1, 2)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        ),
+    )
+)

@@ -48,33 +48,19 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from engine.config.validators import Check, is_bool, one_of, optional
+from engine.config.validators import (
+    is_bool,
+    list_as_tuple,
+    mesh_shape,
+    names_tuple,
+    one_of,
+    optional,
+)
 from engine.distributed.collectives import World
 from engine.errors import ConfigError, DistributedError
 
 ROLE_MODULES = ("encoder", "decoder", "discriminator")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _as_tuple(value: object) -> object:
-    """A list (from a config file) as a tuple; anything else as it is, for the check."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-_NAMES = Check(
-    "a tuple of non-empty names",
-    lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v),
-)
-_MESH = optional(
-    Check(
-        "(shard,) or (replicate, shard), positive integers",
-        lambda v: (
-            isinstance(v, tuple)
-            and len(v) in (1, 2)
-            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
-        ),
-    )
-)
 
 
 @attrs.frozen
@@ -85,12 +71,16 @@ class ShardingPlan:
     gathered parameters after each unit's forward: less memory, one more all-gather in the
     backward) and ``forward_methods`` (model methods run outside ``forward``)."""
 
-    blocks: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple, validator=_NAMES)
-    mesh: tuple[int, ...] | None = attrs.field(default=None, converter=_as_tuple, validator=_MESH)
+    blocks: tuple[str, ...] = attrs.field(
+        default=(), converter=list_as_tuple, validator=names_tuple
+    )
+    mesh: tuple[int, ...] | None = attrs.field(
+        default=None, converter=list_as_tuple, validator=mesh_shape
+    )
     param_dtype: str | None = attrs.field(default=None, validator=optional(one_of(*_DTYPES)))
     reshard_after_forward: bool = attrs.field(default=True, validator=is_bool)
     forward_methods: tuple[str, ...] = attrs.field(
-        default=(), converter=_as_tuple, validator=_NAMES
+        default=(), converter=list_as_tuple, validator=names_tuple
     )
 
 
