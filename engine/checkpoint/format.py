@@ -423,14 +423,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     training_state = load_torch_file(
         path / TRAINING_FILE, _verified_bytes(path / TRAINING_FILE, files[TRAINING_FILE])
     )
-    for name, value in ((MODEL_FILE, model_state), (TRAINING_FILE, training_state)):
-        if not isinstance(value, dict):
-            raise CheckpointError(
-                f"checkpoint file {path / name} holds a {type(value).__name__}, not a dict"
-            )
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint file {path / META_FILE} holds no JSON object")
-    return LoadedCheckpoint(path, meta, model_state, training_state)
+    return _checked(path, meta, model_state, training_state, FULL)
 
 
 def _load_sharded_parts(path: Path, marker: Mapping[str, Any]) -> LoadedCheckpoint:
@@ -444,14 +437,19 @@ def _load_sharded_parts(path: Path, marker: Mapping[str, Any]) -> LoadedCheckpoi
         raise CheckpointError(f"checkpoint file {path / META_FILE} is not JSON: {error}") from error
     model_state = load_torch_file(path / MODEL_FILE, mmap=True)
     training_state = load_torch_file(path / TRAINING_FILE)
-    for name, value in ((MODEL_FILE, model_state), (TRAINING_FILE, training_state)):
+    return _checked(path, meta, model_state, training_state, SHARDED)
+
+
+def _checked(path: Path, meta: Any, model: Any, training: Any, kind: str) -> LoadedCheckpoint:
+    """The loaded parts of checkpoint ``path``, each of the type a checkpoint holds."""
+    for name, value in ((MODEL_FILE, model), (TRAINING_FILE, training)):
         if not isinstance(value, dict):
             raise CheckpointError(
                 f"checkpoint file {path / name} holds a {type(value).__name__}, not a dict"
             )
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint file {path / META_FILE} holds no JSON object")
-    return LoadedCheckpoint(path, meta, model_state, training_state, SHARDED)
+    return LoadedCheckpoint(path, meta, model, training, kind)
 
 
 # ------------------------------------------------------------------ finding checkpoints

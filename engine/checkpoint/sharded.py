@@ -69,6 +69,7 @@ from engine.checkpoint.format import (
     fsync_all,
     fsync_dir,
     load_torch_file,
+    read_marker,
     remove_stale_folders,
 )
 from engine.distributed.collectives import World
@@ -251,24 +252,12 @@ def _link_or_copy(source: str, target: str) -> None:
 def read_sharded_marker(path: Path) -> dict[str, Any]:
     """The marker of sharded checkpoint ``path``; a missing, corrupt or foreign one (a DDP
     run's checkpoint) is a ``CheckpointError`` naming it."""
-    marker_path = Path(path) / MARKER
-    if not marker_path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete: it has no {MARKER} marker (its save was "
-            "interrupted); resume from a complete checkpoint"
-        )
-    try:
-        marker = json.loads(marker_path.read_text(encoding="utf-8"))
-        files, version, kind = marker["files"], marker["format"], marker.get("kind")
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"checkpoint marker {marker_path} is corrupt: {error}") from error
-    if kind != KIND:
+    marker = read_marker(Path(path))
+    if marker.get("kind") != KIND:
         raise CheckpointError(
             f"checkpoint {path} was written by a DDP (unsharded) run; an FSDP run resumes "
             "from sharded checkpoints only (load its model.pt as weights instead)"
         )
-    if version != FORMAT_VERSION or not isinstance(files, dict):
-        raise CheckpointError(f"checkpoint {path} has an unknown format {version!r}")
     return marker
 
 
