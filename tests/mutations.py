@@ -66,8 +66,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/update.py",
-                "loss.backward(inputs=params, retain_graph=index < last)",
-                "loss.backward(retain_graph=index < last)",
+                "        loss.backward(inputs=params, retain_graph=retain_graph)\n",
+                "        loss.backward(retain_graph=retain_graph)\n",
             )
         ],
         ISOLATION,
@@ -472,7 +472,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m(
         "same-shuffle-every-epoch",
         "the shuffle changes every epoch",
-        [("engine/data/batches.py", "seed * _SEED_STRIDE + epoch", "seed * _SEED_STRIDE")],
+        [
+            (
+                "engine/data/batches.py",
+                "torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch)",
+                "torch.Generator().manual_seed(seed * _SEED_STRIDE)",
+            )
+        ],
         "tests/engine/test_data.py::test_shuffle_is_reproducible_and_changes_per_epoch",
     ),
     # ---------------------------------------------------------------- several processes
