@@ -92,10 +92,9 @@ class Sequential:
         self.loss_keys = tuple(dict.fromkeys(keys))
 
     setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE
-    supports = SUPPORTS_ALL  # accumulation and clipping, through strategies/update.py
-    # A discriminator's or generator's loss says nothing of quality: no best-by-loss checkpoint
-    # unless the user names a monitor (eval/fid, a reconstruction loss...).
-    loss_is_quality = False
+    # Honours accumulation and clipping (strategies/update.py); its adversarial losses rank no
+    # checkpoint (no default monitor: name one, e.g. eval/fid).
+    supports, loss_is_quality = SUPPORTS_ALL, False
 
     def train_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext
