@@ -32,3 +32,16 @@ class CheckpointError(RuntimeError):
 class DistributedError(RuntimeError):
     """The processes of a run can not work together: a rank failed or timed out during a
     collective, or the launch environment is incomplete (a world size without a rendezvous)."""
+
+
+# Every error above: what a user's mistake raises (the CLI prints each as one ``error:`` line;
+# pre-flight lets each through unchanged).
+OUR_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    ModelOutputError,
+    NonFiniteLossError,
+    StrategyError,
+    CheckpointError,
+    DistributedError,
+)

@@ -47,13 +47,10 @@ from engine.context import StepContext
 from engine.data.batches import Batches, known_length
 from engine.data.prefetch import tensors_of
 from engine.errors import (
-    CheckpointError,
+    OUR_ERRORS,
     ConfigError,
     DataError,
-    DistributedError,
     ModelOutputError,
-    NonFiniteLossError,
-    StrategyError,
 )
 from engine.evaluation import _eval_step, _inference
 
@@ -68,15 +65,6 @@ CLIPPING = "clipping"
 SUPPORTS_ALL = frozenset({ACCUMULATION, CLIPPING})
 # Names every epoch's metrics hold, whatever the strategy.
 ALWAYS_PRODUCED = frozenset({"epoch", "seconds", "skipped_steps"})
-_OUR_ERRORS = (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    DistributedError,
-    ModelOutputError,
-    NonFiniteLossError,
-    StrategyError,
-)
 
 
 @attrs.frozen
@@ -161,7 +149,7 @@ def first_forward(
     try:
         with _inference(model, ctx):
             metrics = _eval_step(strategy, model, batch, ctx)
-    except _OUR_ERRORS:
+    except OUR_ERRORS:
         raise
     except Exception as error:  # raised by the model on this batch: name the batch
         raise DataError(_forward_failure(batch, error)) from error

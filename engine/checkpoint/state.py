@@ -35,6 +35,7 @@ import torch
 from loguru import logger
 
 from engine.checkpoint.format import FULL, SHARDED, LoadedCheckpoint
+from engine.config.file import copy_tree
 from engine.config.specs import role_specs
 from engine.distributed.sharding import model_class_name
 from engine.errors import CheckpointError
@@ -117,7 +118,7 @@ def capture_sharded(
     out (their parameter groups stay, for the checks on resume). A callback state holding a
     sharded tensor (DTensor) is refused, naming it: ``training.pt`` holds plain tensors."""
     training, meta = _training_and_meta(run, callbacks, monitor_value, rank_states)
-    strategy = _copy_tree(training["strategy"])
+    strategy = copy_tree(training["strategy"])
     for _, optimizer in optimizer_states(strategy):
         optimizer["state"] = {}
     training["strategy"] = strategy
@@ -405,7 +406,7 @@ def _apply_hyperparameters(
     notes: list[str] = []
     if not changed:
         return state, notes
-    patched = _copy_tree(state)
+    patched = copy_tree(state)
     for path, optimizer in list(optimizer_states(patched)):
         role = next((role for role in changed if role in path), None)
         if role is None:
@@ -443,15 +444,6 @@ def _rebase_scheduler(parent: Any, lr: Any) -> None:
     scheduler = parent.get("scheduler") if isinstance(parent, Mapping) else None
     if isinstance(scheduler, dict) and isinstance(scheduler.get("base_lrs"), list):
         scheduler["base_lrs"] = [lr] * len(scheduler["base_lrs"])
-
-
-def _copy_tree(value: Any) -> Any:
-    """Mappings and lists copied (tensors shared): the loaded checkpoint stays as read."""
-    if isinstance(value, Mapping):
-        return {key: _copy_tree(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy_tree(item) for item in value]
-    return value
 
 
 def _required(checkpoint: LoadedCheckpoint, key: str) -> Any:

@@ -159,18 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine import errors
     from engine.cli.commands import Interrupted
 
-    ours = (
-        errors.ConfigError,
-        errors.DataError,
-        errors.CheckpointError,
-        errors.ModelOutputError,
-        errors.NonFiniteLossError,
-        errors.StrategyError,
-        errors.DistributedError,
-    )
     try:
         _run(args)
-    except ours as error:
+    except errors.OUR_ERRORS as error:
         print("error: " + _one_line(str(error)), file=sys.stderr)
         return USAGE_ERROR
     except Interrupted as interrupted:

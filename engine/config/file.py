@@ -115,7 +115,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of ``raw`` with each ``key.path=value`` set; list items are addressed by index
     (``callbacks.0.patience=5``). Missing tables on the path are created."""
-    result: dict[str, Any] = _deep_copy(raw)
+    result: dict[str, Any] = copy_tree(raw)
     for text in overrides:
         parts, value = parse_override(text)
         node: Any = result
@@ -146,11 +146,13 @@ def _index(node: list[Any], part: str, text: str) -> int:
     return int(part)
 
 
-def _deep_copy(value: Any) -> Any:
+def copy_tree(value: Any) -> Any:
+    """Mappings and lists copied, leaves shared: the source (a loaded config or checkpoint)
+    stays as it was read."""
     if isinstance(value, Mapping):
-        return {key: _deep_copy(item) for key, item in value.items()}
+        return {key: copy_tree(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_deep_copy(item) for item in value]
+        return [copy_tree(item) for item in value]
     return value
 
 
@@ -240,18 +242,18 @@ def resolve_config(raw: Mapping[str, Any], base: str | Path | None = None) -> Ru
     )
     if is_pythae:
         resolved = {
-            "pythae": _deep_copy(raw["pythae"]),
-            "data": _deep_copy(data),
-            "engine": _deep_copy(engine_values),
-            "callbacks": _deep_copy(callbacks_raw),
+            "pythae": copy_tree(raw["pythae"]),
+            "data": copy_tree(data),
+            "engine": copy_tree(engine_values),
+            "callbacks": copy_tree(callbacks_raw),
         }
     else:
         resolved = {
-            "model": _deep_copy(raw["model"]),
-            "data": _deep_copy(data),
-            "strategy": _deep_copy(raw["strategy"]),
+            "model": copy_tree(raw["model"]),
+            "data": copy_tree(data),
+            "strategy": copy_tree(raw["strategy"]),
             "engine": {k: v for k, v in engine.to_dict().items() if v is not None},
-            "callbacks": _deep_copy(callbacks_raw),
+            "callbacks": copy_tree(callbacks_raw),
         }
     return RunConfig(model, train, eval_ref, strategy, engine, callbacks, resolved, pythae)
 
@@ -321,7 +323,7 @@ def _factory(
         table.get(name_key),
         ("a registered name or " if allow_names else "") + _IMPORT_PATH_WHAT,
     )
-    args = {k: _deep_copy(v) for k, v in table.items() if k != name_key}
+    args = {k: copy_tree(v) for k, v in table.items() if k != name_key}
     if ":" in target or not allow_names:
         check_arguments(key, import_object(f"{key}.{name_key}", target), args)
     return FactoryRef(key, target, args)
@@ -415,7 +417,7 @@ def _strategy(table: Mapping[str, Any]) -> StrategyConfig:
         for role, spec in scheduler_tables.items()
     }
     args = {
-        k: _deep_copy(v) for k, v in table.items() if k not in ("name", "optimizers", "schedulers")
+        k: copy_tree(v) for k, v in table.items() if k not in ("name", "optimizers", "schedulers")
     }
     return StrategyConfig(name, optimizers, schedulers, args)
 
