@@ -81,14 +81,14 @@ def build_update(
     regulariser phases: its learning rate is multiplied by ``c`` and each of its betas (Adam's)
     raised to the power ``c``, before the scheduler reads them.
     """
-    optimizer = spec.optimizer.build(params, device)
+    optimizer = spec.optimizer.build(params, device, role=spec.role)
     optimizer.zero_grad(set_to_none=True)
     if lazy_ratio != 1.0:
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * lazy_ratio
             if "betas" in group:
                 group["betas"] = tuple(beta**lazy_ratio for beta in group["betas"])
-    scheduler = None if spec.scheduler is None else spec.scheduler.build(optimizer)
+    scheduler = None if spec.scheduler is None else spec.scheduler.build(optimizer, role=spec.role)
     return Update(spec, list(params), optimizer, scheduler)
 
 
