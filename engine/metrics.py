@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.distributed.collectives import World, sum_over_ranks
-from engine.errors import NonFiniteLossError
+from engine.errors import ModelOutputError, NonFiniteLossError
 
 if TYPE_CHECKING:
     from engine.state import RunState
@@ -42,6 +42,8 @@ class MetricBuffer:
         pending: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
         for step, metrics in self._entries:
             for key, value in metrics.items():
+                if not isinstance(value, torch.Tensor) or value.ndim != 0:
+                    check_metric(f"train_step at step {step}", key, value)
                 entry = pending.get(key)
                 if entry is None:
                     entry = pending[key] = ([], [])
@@ -162,3 +164,16 @@ def track_best(run: RunState, metrics: Mapping[str, float], epoch: int, mode: st
     best = run.best_value
     if best is None or (value < best if mode == "min" else value > best):
         run.best_value, run.best_epoch = value, epoch
+
+
+def check_metric(strategy: str, key: Any, value: Any) -> None:
+    """A step metric is a 0-d tensor under a string key (it is averaged on the device)."""
+    if not isinstance(key, str):
+        raise ModelOutputError(f"{strategy}: metric keys must be strings, got {key!r}")
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return
+    if isinstance(value, torch.Tensor):
+        got = f"a tensor of shape {tuple(value.shape)}: reduce it to one value (e.g. .mean())"
+    else:
+        got = f"a {type(value).__name__} ({value!r:.40}): return a tensor (torch.as_tensor)"
+    raise ModelOutputError(f"{strategy}: metric {key!r} must be a 0-d tensor, got {got}")

@@ -53,6 +53,7 @@ from engine.errors import (
     ModelOutputError,
 )
 from engine.evaluation import _eval_step, _inference
+from engine.metrics import check_metric
 
 if TYPE_CHECKING:
     from engine.config.engine_config import EngineConfig
@@ -161,19 +162,6 @@ def first_forward(
     for key, value in metrics.items():
         check_metric(type(strategy).__name__, key, value)
     return metrics
-
-
-def check_metric(strategy: str, key: Any, value: Any) -> None:
-    """A step metric is a 0-d tensor under a string key (it is averaged on the device)."""
-    if not isinstance(key, str):
-        raise ModelOutputError(f"{strategy}: metric keys must be strings, got {key!r}")
-    if isinstance(value, torch.Tensor) and value.ndim == 0:
-        return
-    if isinstance(value, torch.Tensor):
-        got = f"a tensor of shape {tuple(value.shape)}: reduce it to one value (e.g. .mean())"
-    else:
-        got = f"a {type(value).__name__} ({value!r:.40}): return a tensor (torch.as_tensor)"
-    raise ModelOutputError(f"{strategy}: metric {key!r} must be a 0-d tensor, got {got}")
 
 
 def _forward_failure(batch: Any, error: BaseException) -> str:

@@ -462,3 +462,28 @@ def test_disc_start_beyond_the_run_is_refused_before_any_file(
         assert not (tmp_path / "gan").exists()
     else:
         engine.fit(_TwoPhaseGAN(), torch.randn(16, 4))
+
+
+class TrainOnlyMetric:
+    """``Custom``, whose train_step alone adds a metric that is not a 0-d tensor (pre-flight,
+    which sees eval_step, can not know it): refused at the first log interval, naming it."""
+
+    def __init__(self) -> None:
+        self.inner = Custom()
+        self.loss_keys, self.setup, self.eval_step = (
+            ("loss",),
+            self.inner.setup,
+            self.inner.eval_step,
+        )
+        self.predict_step, self.end_epoch = self.inner.predict_step, self.inner.end_epoch
+        self.learning_rates, self.state_dict = self.inner.learning_rates, self.inner.state_dict
+        self.load_state_dict = self.inner.load_state_dict
+
+    def train_step(self, model: nn.Module, batch: Any, ctx: StepContext) -> Mapping[str, Any]:
+        return {**self.inner.train_step(model, batch, ctx), "per_sample": torch.ones(4)}
+
+
+def test_a_train_step_metric_that_is_not_a_0d_tensor_is_named() -> None:
+    config = EngineConfig(epochs=1, batch_size=4, log_every=1, output_dir=None)
+    with pytest.raises(ModelOutputError, match=r"step 0: metric 'per_sample' .*shape \(4,\)"):
+        Engine(TrainOnlyMetric(), config).fit(TinyRegressor(), torch.randn(8, 4))
