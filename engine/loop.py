@@ -2,9 +2,8 @@
 the same with the table of what fires when a run ends early)::
 
     fit(model, train, eval, resume):
-        prepare (engine/run_setup.py): read the checkpoint, seed, place the model, set up the
-            strategy (its schedulers checked per role first), build batches, restore, the
-            pre-flight checks (engine/preflight.py), open the run folder
+        prepare (engine/run_setup.py): read the checkpoint, seed, place (and shard) the model,
+            set up the strategy, batches, restore, pre-flight (engine/preflight.py), run folder
         FIT_START
         for epoch:
             EPOCH_START
@@ -33,9 +32,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from engine.config.engine_config import EngineConfig
-from engine.context import ForwardFn, StepContext, call_model
+from engine.context import ForwardFn, call_model
 from engine.data.windows import epoch_windows
 from engine.distributed.collectives import World, any_rank, current_world
 from engine.distributed.session import process_group
@@ -43,14 +43,14 @@ from engine.errors import StrategyError
 from engine.evaluation import evaluate_batches, predict_batches
 from engine.events import Event, EventBus, Handler, Subscription
 from engine.hardware.compiling import RunCompilation, compile_run
-from engine.hardware.device import resolve_device
 from engine.metrics import MetricBuffer, track_best
 from engine.preflight import preflight
 from engine.protocols import StepStrategy
 from engine.run_dir import log_file
 from engine.run_setup import (
     PreparedRun,
-    describe_start,
+    log_end,
+    log_start,
     make_context,
     make_eval_batches,
     make_train_batches,
@@ -60,9 +60,10 @@ from engine.run_setup import (
     restore_training,
     setup_strategy,
     shard,
+    standalone_context,
 )
 from engine.seeding import seed_everything
-from engine.state import FitResult, Progress, RunState
+from engine.state import FitResult, Progress, RunState, fit_result
 
 _STRATEGY_METHODS = sorted(name for name in dir(StepStrategy) if not name.startswith("_"))
 
@@ -135,16 +136,15 @@ class Engine:
         run keeps writing into the checkpoint's run folder. A checkpoint that does not fit this
         run is refused (``CheckpointError``) before anything is written.
 
-        Under ``torchrun`` every rank calls ``fit``: it joins the process group for the run
-        (``engine/distributed/session.py``) and leaves it at the end.
-        """
+        Under ``torchrun`` every rank calls ``fit``; it joins the process group for the run
+        and leaves it at the end (``engine/distributed/session.py``)."""
         with process_group(self.config.device, self.config.distributed_timeout_s):
             prepared = self._prepare(model, train, eval, resume)
             try:
                 self._train(prepared, model)
             finally:
                 prepared.context.release()  # each role's DDP lets go of the process group
-            return _result(prepared.run, self._stop_requested)
+            return fit_result(prepared.run, self._stop_requested)
 
     def _prepare(self, model: torch.nn.Module, train: Any, eval: Any, resume: Any) -> PreparedRun:
         """Every step before the first batch, in order (``engine/run_setup.py``)."""
@@ -168,30 +168,16 @@ class Engine:
     def _train(self, prepared: PreparedRun, model: torch.nn.Module) -> None:
         """FIT_START, the epochs, FIT_END; EXCEPTION on any error before it propagates."""
         run, config = prepared.run, self.config
-        compiled = compile_run(
-            config.compile,
-            model,
-            self.strategy.train_step,
-            len(self.strategy.loss_keys),
-            prepared.context.device,
-            config.accumulate_steps,
-        )
+        strategy, device = self.strategy, prepared.context.device
+        loss_count, k = len(strategy.loss_keys), config.accumulate_steps
+        compiled = compile_run(config.compile, model, strategy.train_step, loss_count, device, k)
         with log_file(run.run_dir), compiled.settings():
             try:
-                if run.is_main_process:
-                    run.log.info(describe_start(model, config, run))
-                    for note in prepared.notes:
-                        run.log.info(note)
-                    for warning in prepared.warnings:
-                        run.log.warning(warning)
+                log_start(model, config, prepared)
                 self.bus.fire(Event.FIT_START, run)
                 self._run_epochs(run, compiled, prepared)
                 self.bus.fire(Event.FIT_END, run)
-                if run.is_main_process:
-                    run.log.info(
-                        f"fit done: {run.progress.step} steps, {run.progress.epoch} epochs, "
-                        f"best {run.monitor}={run.best_value}"
-                    )
+                log_end(run)
             except BaseException as error:
                 run.exception = error
                 self.bus.fire(Event.EXCEPTION, run)
@@ -247,12 +233,7 @@ class Engine:
         return True
 
     def _end_epoch(
-        self,
-        run: RunState,
-        model: torch.nn.Module,
-        prepared: PreparedRun,
-        epoch: int,
-        started: float,
+        self, run: RunState, model: nn.Module, prepared: PreparedRun, epoch: int, started: float
     ) -> None:
         """Train means, evaluation when due, per-epoch schedulers, the best value, EPOCH_END."""
         config, ctx, buffer = self.config, prepared.context, run.metric_buffer or MetricBuffer()
@@ -299,7 +280,7 @@ class Engine:
         Moves ``model`` to the config's device (as ``fit`` does) and leaves it there; the
         strategy must have been set up (by ``fit``, or ``strategy.setup`` by hand).
         """
-        ctx = self._standalone_context(model, current_world())
+        ctx = standalone_context(self.config, model, current_world(), self.forward)
         return evaluate_batches(
             self.strategy, model, make_eval_batches(data, self.config, ctx), ctx
         )
@@ -312,25 +293,6 @@ class Engine:
 
         Moves ``model`` to the config's device (as ``fit`` does) and leaves it there.
         """
-        ctx = self._standalone_context(model, World())
+        ctx = standalone_context(self.config, model, World(), self.forward)
         batches = make_eval_batches(data, self.config, ctx, name="prediction")
         return predict_batches(self.strategy, model, batches, ctx)
-
-    def _standalone_context(self, model: torch.nn.Module, world: World) -> StepContext:
-        device = resolve_device(self.config.device, current_world().local_rank)
-        model.to(device)
-        return make_context(self.config, device, Progress(), world, self.forward)
-
-
-def _result(run: RunState, stopped_early: bool) -> FitResult:
-    return FitResult(
-        history=run.history,
-        monitor=run.monitor,
-        best_value=run.best_value,
-        best_epoch=run.best_epoch,
-        run_dir=run.run_dir,
-        paths=dict(run.paths),
-        steps=run.progress.step,
-        skipped_steps=run.progress.skipped_steps,
-        stopped_early=stopped_early,
-    )

@@ -293,3 +293,35 @@ def describe_start(model: torch.nn.Module, config: EngineConfig, run: RunState) 
         f"precision {config.precision}, {world.world_size} process(es){parallel}, "
         f"run folder {run.run_dir}"
     )
+
+
+def log_start(model: torch.nn.Module, config: EngineConfig, prepared: PreparedRun) -> None:
+    """What ``train.log`` says before the first step (main process): what trains where, the
+    resume notes, pre-flight's warnings."""
+    run = prepared.run
+    if not run.is_main_process:
+        return
+    run.log.info(describe_start(model, config, run))
+    for note in prepared.notes:
+        run.log.info(note)
+    for warning in prepared.warnings:
+        run.log.warning(warning)
+
+
+def log_end(run: RunState) -> None:
+    """The last line of a finished fit in ``train.log`` (main process)."""
+    if run.is_main_process:
+        run.log.info(
+            f"fit done: {run.progress.step} steps, {run.progress.epoch} epochs, "
+            f"best {run.monitor}={run.best_value}"
+        )
+
+
+def standalone_context(
+    config: EngineConfig, model: torch.nn.Module, world: World, forward: ForwardFn
+) -> StepContext:
+    """The context of an ``evaluate``/``predict`` outside ``fit``: ``model`` is moved to the
+    config's device (as ``fit`` does) and left there."""
+    device = resolve_device(config.device, current_world().local_rank)
+    model.to(device)
+    return make_context(config, device, Progress(), world, forward)

@@ -90,3 +90,18 @@ class FitResult:
     steps: int
     skipped_steps: int
     stopped_early: bool
+
+
+def fit_result(run: RunState, stopped_early: bool) -> FitResult:
+    """What ``fit`` returns about ``run``."""
+    return FitResult(
+        history=run.history,
+        monitor=run.monitor,
+        best_value=run.best_value,
+        best_epoch=run.best_epoch,
+        run_dir=run.run_dir,
+        paths=dict(run.paths),
+        steps=run.progress.step,
+        skipped_steps=run.progress.skipped_steps,
+        stopped_early=stopped_early,
+    )
