@@ -7,6 +7,7 @@ the same way everywhere.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -70,9 +71,12 @@ class StepContext:
 
     def forward(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Mapping[str, Any]:
         """Run the model under the run's autocast; its output must be a mapping."""
-        with self.autocast():
+        if self.autocast is contextlib.nullcontext:  # fp32: no context to enter, per step
             outputs = self.forward_fn(model, batch, **kwargs)
-        if not isinstance(outputs, Mapping):
+        else:
+            with self.autocast():
+                outputs = self.forward_fn(model, batch, **kwargs)
+        if type(outputs) is not dict and not isinstance(outputs, Mapping):
             raise ModelOutputError(
                 f"the model must return a mapping of named outputs (e.g. {{'loss': ...}}), "
                 f"got {type(outputs).__name__} at step {self.progress.step}"

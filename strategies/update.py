@@ -149,22 +149,30 @@ def backward_isolated(
             loss = loss / ctx.micro_count
         if ctx.scaler is not None:
             loss = ctx.scaler.scale(loss)
-        with gradient_sync(sharers, loss, ctx, ctx.is_update_step if sync is None else sync):
-            if every_group and len(merged) == 1:
-                loss.backward()
-            else:
-                params = (
-                    sharers[0].params
-                    if len(sharers) == 1
-                    else [p for u in sharers for p in u.params]
-                )
-                if ctx.sharding is not None:  # FSDP2: inputs= can not reach the shards
-                    with sharded_backward(ctx.sharding, params):
-                        loss.backward(retain_graph=index < last)
-                else:
-                    _backward_into(loss, params, retain_graph=index < last)
+        retain = index < last
+        if ctx.world.is_distributed:
+            sync_now = ctx.is_update_step if sync is None else sync
+            with gradient_sync(sharers, loss, ctx, sync_now):
+                _backward(loss, sharers, ctx, every_group and len(merged) == 1, retain)
+        else:  # one process: nothing to synchronise (and no FSDP2 shards)
+            _backward(loss, sharers, ctx, every_group and len(merged) == 1, retain)
         for update in sharers:
             update.pending = True
+
+
+def _backward(
+    loss: torch.Tensor, sharers: list[Update], ctx: StepContext, whole: bool, retain: bool
+) -> None:
+    """One backward of ``loss`` into the groups of ``sharers`` (``whole``: into everything)."""
+    if whole:
+        loss.backward()
+        return
+    params = sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
+    if ctx.sharding is not None:  # FSDP2: inputs= can not reach the shards
+        with sharded_backward(ctx.sharding, params):
+            loss.backward(retain_graph=retain)
+    else:
+        _backward_into(loss, params, retain_graph=retain)
 
 
 def _backward_into(
