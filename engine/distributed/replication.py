@@ -73,7 +73,6 @@ import attrs
 import torch
 from loguru import logger
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.context import StepContext
@@ -83,6 +82,7 @@ from engine.distributed.collectives import (
     average_gradients,
     collective,
 )
+from engine.distributed.sharding import is_dtensor
 from engine.errors import DistributedError, StrategyError
 
 # DDP's default bucket size.
@@ -230,7 +230,7 @@ def gradient_sync(
         yield
         return
     for holder in holders:
-        if holder.params and isinstance(holder.params[0], DTensor):
+        if holder.params and is_dtensor(holder.params[0]):
             raise StrategyError(
                 f"the parameters of role {holder.role!r} are FSDP2 shards (DTensor): an "
                 "isolated backward(inputs=...) would give them no gradient, silently; shard "

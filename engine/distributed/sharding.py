@@ -34,19 +34,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import (
-    FSDPModule,
-    MixedPrecisionPolicy,
-    fully_shard,
-    register_fsdp_forward_method,
-)
-from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 from engine.config.validators import (
     is_bool,
@@ -96,6 +93,8 @@ class Sharding:
 
 
 def build_mesh(plan: ShardingPlan, world: World, device: torch.device) -> DeviceMesh:
+    from torch.distributed.device_mesh import init_device_mesh  # ~1 s to import: only here
+
     """The plan's mesh over ``world``; a shape whose product is not the world size, or FSDP in
     one process without a process group, is an error naming it."""
     if not world.is_distributed:
@@ -117,6 +116,13 @@ def shard_model(
 ) -> Sharding:
     """Shard ``model`` (placed on ``device``, identical on every rank) in place; what the
     plan names that the model lacks is an error before anything is sharded."""
+    from torch.distributed.fsdp import (  # about a second to import: only runs that shard
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
     _check_methods(model, plan.forward_methods)
     units = _units(model, plan)
     mesh = build_mesh(plan, world, device)
@@ -201,9 +207,22 @@ def sharded_backward(sharding: Sharding, own: Sequence[nn.Parameter]) -> Iterato
             param.grad = grad
 
 
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``DTensor``. Until ``torch.distributed.tensor`` is imported (about
+    a second, paid only by runs that shard) nothing can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded ``module`` (never, until ``torch.distributed.fsdp`` is imported)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 def is_sharded(params: Sequence[torch.Tensor]) -> bool:
     """Whether ``params`` are FSDP2's sharded parameters (``DTensor``)."""
-    return bool(params) and isinstance(params[0], DTensor)
+    return bool(params) and is_dtensor(params[0])
 
 
 def local_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
@@ -212,7 +231,7 @@ def local_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
     for tensor in tensors:
         if tensor is None:
             continue
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        local = tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
         total += local.numel() * local.element_size()
     return total
 
@@ -238,14 +257,15 @@ def training_bytes(
 def is_sharded_model(model: nn.Module) -> bool:
     """Whether FSDP2 sharded ``model`` or one of its submodules (its forwards are then
     collective: every rank must run as many)."""
-    return any(isinstance(module, FSDPModule) for module in model.modules())
+    return any(_is_fsdp_module(module) for module in model.modules())
 
 
 def model_class_name(model: nn.Module) -> str:
     """The class name of ``model`` as its author wrote it (FSDP2 gives a sharded module a class
     of its own, ``FSDP<name>``)."""
-    if isinstance(model, FSDPModule):
+    if _is_fsdp_module(model):
+        fsdp_module = sys.modules["torch.distributed.fsdp"].FSDPModule
         for cls in type(model).__mro__[1:]:
-            if issubclass(cls, nn.Module) and not issubclass(cls, FSDPModule):
+            if issubclass(cls, nn.Module) and not issubclass(cls, fsdp_module):
                 return cls.__name__
     return type(model).__name__
