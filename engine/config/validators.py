@@ -52,8 +52,12 @@ def optional(check: Check, what: str | None = None) -> Check:
 
 
 def one_of(*choices: Any) -> Check:
-    """The value must be one of ``choices`` (compared with ``==``)."""
-    return Check(f"one of {list(choices)}", lambda value: value in choices)
+    """The value must be one of ``choices``: equal and of the same type (``1`` is not ``True``,
+    though ``1 == True``)."""
+    return Check(
+        f"one of {list(choices)}",
+        lambda value: any(value == c and type(value) is type(c) for c in choices),
+    )
 
 
 def instance_of(kind: type) -> Check:

@@ -150,7 +150,7 @@ def _bad_values(root: Path) -> dict[str, st.SearchStrategy[Any]]:
         "num_workers": st.one_of(st.integers(max_value=-1), _not_int),
         "data_on_device": _not_bool,
         "compile": st.one_of(
-            st.integers(2, 9),
+            st.integers(0, 9),
             st.none(),
             st.text(max_size=5).filter(lambda v: v not in ("model", "step")),
         ),
