@@ -43,9 +43,9 @@ def evaluate_batches(
     sums: dict[str, torch.Tensor] = {}
     samples = torch.zeros((), dtype=torch.float64, device=ctx.device)
     sized = _lockstep(batches, ctx) if is_sharded_model(model) else _sized(batches)
-    with _inference(model, ctx):
+    with inference(model, ctx):
         for batch, size in sized:
-            outputs = _eval_step(strategy, model, batch, ctx)
+            outputs = eval_step_checked(strategy, model, batch, ctx)
             for key, value in (outputs if size else {}).items():
                 weighted = value.detach().double() * size
                 sums[key] = sums[key] + weighted if key in sums else weighted
@@ -96,7 +96,7 @@ def _batch_from_a_rank_that_has_one(batch: Any, world: World, device: torch.devi
     return batch if batch is not None else move_to_device(shared[0], device)
 
 
-def _eval_step(
+def eval_step_checked(
     strategy: StepStrategy, model: torch.nn.Module, batch: Any, ctx: StepContext
 ) -> Mapping[str, torch.Tensor]:
     """``strategy.eval_step``; a model that needs gradients in its forward gets a hint."""
@@ -120,7 +120,7 @@ def predict_batches(
     as a codebook) are left out, and their names logged once."""
     parts: dict[str, list[torch.Tensor]] = {}
     left_out: set[str] = set()
-    with _inference(model, ctx):
+    with inference(model, ctx):
         for batch in batches.epoch(0):
             size = batch_size(batch)
             for key, value in strategy.predict_step(model, batch, ctx).items():
@@ -136,7 +136,7 @@ def predict_batches(
 
 
 @contextmanager
-def _inference(model: torch.nn.Module, ctx: StepContext) -> Iterator[None]:
+def inference(model: torch.nn.Module, ctx: StepContext) -> Iterator[None]:
     """Eval mode and a forked RNG for the duration, the model's mode restored after. Gradients
     stay off unless ``ctx.eval_with_grad`` (models whose loss calls ``autograd.grad``)."""
     was_training = model.training

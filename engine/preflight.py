@@ -52,7 +52,7 @@ from engine.errors import (
     DataError,
     ModelOutputError,
 )
-from engine.evaluation import _eval_step, _inference
+from engine.evaluation import eval_step_checked, inference
 from engine.metrics import check_metric
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ def first_forward(
     checked to be a 0-d tensor. A failure inside the model is a ``DataError`` describing the
     batch (with how to convert integer data)."""
     try:
-        with _inference(model, ctx):
-            metrics = _eval_step(strategy, model, batch, ctx)
+        with inference(model, ctx):
+            metrics = eval_step_checked(strategy, model, batch, ctx)
     except OUR_ERRORS:
         raise
     except Exception as error:  # raised by the model on this batch: name the batch
