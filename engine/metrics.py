@@ -53,19 +53,24 @@ class MetricBuffer:
 
     def flush(self, world: World) -> dict[str, float]:
         """Means over the pending steps (all ranks); raises on a non-finite value."""
-        pending = self._pending()
-        self._entries.clear()
-        keys = sorted(pending)
+        stacked = _stacked_by_key(self._entries)
+        if stacked is None:  # keys, devices or kinds of value differ between steps
+            pending = self._pending()
+            # A model may return some metrics on the host while it trains on a GPU: gather there.
+            device = next(iter(pending.values()))[0][0].device if pending else None
+            stacked = {key: _stack(values, device) for key, (values, _) in pending.items()}
+        keys = sorted(stacked)
         if not keys:
+            self._entries.clear()
             return {}
-        # A model may return some metrics on the host while it trains on a GPU: gather there.
-        device = pending[keys[0]][0][0].device
-        stacked = {key: _stack(pending[key][0], device) for key in keys}
         # One read for every key: a non-finite value makes its key's sum non-finite.
         totals = torch.stack([stacked[key].sum() for key in keys]).double().cpu()
         if not bool(torch.isfinite(totals).all()):
+            pending = self._pending()
+            self._entries.clear()
             _raise_non_finite(keys, totals, stacked, pending)
-        count_tensor = torch.tensor([len(pending[key][0]) for key in keys], dtype=torch.float64)
+        self._entries.clear()
+        count_tensor = torch.tensor([len(stacked[key]) for key in keys], dtype=torch.float64)
         if world.is_distributed:
             both = sum_over_ranks(torch.cat([totals, count_tensor]).to(_collective_device()), world)
             totals, count_tensor = both.cpu().split(len(keys))
@@ -112,7 +117,31 @@ class MetricBuffer:
         self._counts = {key: int(value) for key, value in state["counts"].items()}
 
 
-def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _stacked_by_key(
+    entries: list[tuple[int, Mapping[str, torch.Tensor]]],
+) -> dict[str, torch.Tensor] | None:
+    """Each key's values in step order as one float tensor, from ONE stack of every value, when
+    every step returned the same keys in the same order, all 0-d tensors on one device (the
+    usual case: a flush then costs a few calls, not a few per step); None otherwise."""
+    if not entries:
+        return {}
+    keys = tuple(entries[0][1])
+    values: list[Any] = []
+    for _, metrics in entries:
+        if tuple(metrics) != keys:
+            return None
+        values += metrics.values()
+    try:
+        stacked = torch.stack(values)
+    except (RuntimeError, TypeError):  # several devices, or a value that is not a tensor
+        return None
+    if stacked.ndim != 1:  # a value that is not 0-d: the general path names it
+        return None
+    columns = stacked.float().view(len(entries), len(keys)).t()
+    return {key: column.contiguous() for key, column in zip(keys, columns)}
+
+
+def _stack(values: list[torch.Tensor], device: torch.device | None) -> torch.Tensor:
     """``values`` as one float tensor on ``device``; each is converted only when they are not
     all there already (the usual case is one stack, no per-value call)."""
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,7 +83,8 @@ def test_metrics_are_read_once_per_log_interval() -> None:
     per_batch = _per_batch(log_every=5)
     assert per_batch.pop("metrics.py:add") == 1.0
     assert per_batch["metrics.py:flush"] == 1 / 5
-    flush_parts = ("flush", "_pending", "_stack", "<listcomp>", "<dictcomp>")
+    # Steps with the same keys take the one-stack path: no per-step grouping (``_pending``).
+    flush_parts = ("flush", "_stacked_by_key", "<listcomp>", "<dictcomp>")
     assert set(per_batch) <= {f"metrics.py:{name}" for name in flush_parts}, per_batch
 
 
@@ -149,6 +151,39 @@ def test_buffered_means_are_the_means_of_the_values_even_across_a_resume(
         expected[key] = float(taken.sum().double()) / len(taken)
     assert whole.epoch_means(world) == expected
     assert resumed.epoch_means(world) == expected
+
+
+@st.composite
+def _uniform_steps(draw: st.DrawFn) -> list[dict[str, float]]:
+    """Every step with the same keys (the one-stack path of ``flush``)."""
+    keys = draw(st.lists(st.sampled_from(["loss", "recon", "kl"]), unique=True, min_size=1))
+    values = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+    row = st.fixed_dictionaries({k: values for k in keys})
+    return draw(st.lists(row, min_size=1, max_size=30))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(steps=_uniform_steps(), log_every=st.integers(1, 8))
+def test_steps_with_the_same_keys_flush_to_the_means_of_their_values(
+    steps: list[dict[str, float]], log_every: int
+) -> None:
+    """Flushed every ``log_every`` steps, each interval's means and the epoch's are exactly
+    those of the values (float32 sums, as the general path makes them)."""
+    world = World()
+    buffer = MetricBuffer()
+    for step, values in enumerate(steps):
+        buffer.add(step, {key: torch.tensor(value) for key, value in values.items()})
+        if (step + 1) % log_every == 0:
+            chunk = steps[step + 1 - log_every : step + 1]
+            expected = {
+                key: float(torch.tensor([v[key] for v in chunk]).sum().double()) / len(chunk)
+                for key in chunk[0]
+            }
+            assert buffer.flush(world) == expected
+    keys = steps[0]
+    assert buffer.epoch_means(world) == pytest.approx(
+        {key: sum(v[key] for v in steps) / len(steps) for key in keys}, rel=1e-5, abs=1e-3
+    )
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
