@@ -27,12 +27,25 @@ no communication: the engine averages gradients, so the ranks' parameters are id
 each step and so are their EMAs (buffers such as BatchNorm statistics may differ per rank, as
 the raw model's do; evaluation broadcasts rank 0's). The EMA costs one copy of the module's
 weights in device memory (two while it is swapped in).
+
+Under FSDP2 (``parallel="fsdp"``) a parameter is a ``DTensor`` whose rank holds one shard, and
+so is its average: each rank keeps the EMA of its own shards (plain local tensors, 1/N of the
+weights), updated and swapped in with local ops only (no communication), so the memory saving
+stays. Swapping reshards the model's FSDP units first and after (a unit left gathered by a
+forward with ``fsdp_reshard_after_forward=False`` would otherwise compute with the weights it
+gathered, not the ones swapped in, and hand them to the next training step). ``averaged``
+gives the shards as ``DTensor`` s (``.full_tensor()`` on every rank gathers one). Collective
+there, so every rank calls them at the same point (the engine's events do): ``state_dict``
+gathers the full tensors to the CPU (a checkpoint's ``training.pt`` holds plain tensors, which
+load into any world size, one process too) and the ``model_ema.pt`` export gathers the model
+to rank 0; ``load_state_dict`` takes each rank's shard of the full tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -40,6 +53,7 @@ import torch
 
 from engine.checkpoint.export import export_weights
 from engine.config.validators import is_bool, optional, positive_number
+from engine.distributed.sharding import is_dtensor, is_sharded_model
 from engine.errors import CheckpointError, ConfigError
 from engine.state import RunState
 
@@ -85,6 +99,70 @@ def resolve_module(model: torch.nn.Module, path: str | None) -> torch.nn.Module:
     return module
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: a ``DTensor``'s local shard (under ``no_grad`` a view
+    into FSDP's sharded storage, so writes reach the parameter), else the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _sharded_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` as a shard of a tensor laid out as ``param`` (a ``DTensor`` viewing it, no
+    communication); ``local`` itself where ``param`` is a plain tensor."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(param, DTensor)
+    return DTensor.from_local(
+        local,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def _full(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which ``local`` is this rank's shard, laid out as ``param`` (an
+    all-gather under FSDP: every rank calls it), on the CPU; ``local`` itself otherwise."""
+    if not is_dtensor(param):
+        return local
+    return _sharded_like(local, param).full_tensor().cpu()  # type: ignore[attr-defined]
+
+
+def _shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` as ``param`` is laid out (each rank cuts its own from the
+    full tensor it holds: no communication); ``full`` itself where ``param`` is plain."""
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    spread = distribute_tensor(
+        full.to(param.device),
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
+    )
+    return spread.to_local()
+
+
+def _fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 sharded in ``model`` (none until ``torch.distributed.fsdp`` is
+    imported: a run that does not shard never imports it)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return []
+    return [module for module in model.modules() if isinstance(module, fsdp.FSDPModule)]
+
+
+def _reshard(units: Sequence[torch.nn.Module]) -> None:
+    """Drop every gathered copy of the units' parameters (a local op): the next forward
+    gathers what the shards hold now."""
+    for unit in units:
+        unit.reshard()  # type: ignore[operator]
+
+
 def beta_for(
     samples_seen: int,
     window_samples: int,
@@ -117,6 +195,7 @@ class EMA:
     samples_seen: int = attrs.field(default=0, init=False)
     updates: int = attrs.field(default=0, init=False)
     _target: torch.nn.Module | None = attrs.field(default=None, init=False)
+    _units: list[torch.nn.Module] = attrs.field(factory=list, init=False)
     _params: list[torch.Tensor] = attrs.field(factory=list, init=False)
     _buffers: list[torch.Tensor] = attrs.field(factory=list, init=False)
     _param_names: list[str] = attrs.field(factory=list, init=False)
@@ -148,6 +227,8 @@ class EMA:
         a state loaded before (a checkpoint's) is put in place instead."""
         target = resolve_module(model, self.module)
         self._target = target
+        self._units = _fsdp_units(model)
+        _reshard(self._units)  # a gathered unit lists its gathered copies, not the shards
         named_params = list(target.named_parameters())
         named_buffers = list(target.named_buffers())
         if not named_params:
@@ -157,7 +238,7 @@ class EMA:
         self._params = [param for _, param in named_params]
         self._buffers = [buffer for _, buffer in named_buffers]
         with torch.no_grad():
-            self._ema_params = [param.detach().clone() for param in self._params]
+            self._ema_params = [_local(param).detach().clone() for param in self._params]
             self._ema_buffers = [buffer.detach().clone() for buffer in self._buffers]
         self._swapped = None
         self.samples_seen, self.updates = 0, 0
@@ -200,14 +281,25 @@ class EMA:
 
     def on_fit_end(self, run: RunState) -> None:
         self._swap_out()
-        if not (self.export and run.is_main_process and run.run_dir is not None):
+        if not self.export:
             return
-        with self.applied():
-            state = {
-                key: value.detach().to("cpu", copy=True)
-                for key, value in run.model.state_dict().items()
-            }
-        run.paths["model_ema"] = export_weights(run.run_dir / EXPORT_FILENAME, state)
+        if is_sharded_model(run.model):  # gathered to rank 0 on every rank: collective
+            if run.config.output_dir is None:  # (rank 0 has a run folder exactly then)
+                return
+            from engine.checkpoint.sharded import full_model_state  # imports DCP: only here
+
+            with self.applied():
+                state = full_model_state(run.model)  # an empty dict on the other ranks
+        elif run.is_main_process and run.run_dir is not None:
+            with self.applied():
+                state = {
+                    key: value.detach().to("cpu", copy=True)
+                    for key, value in run.model.state_dict().items()
+                }
+        else:
+            return
+        if run.is_main_process and run.run_dir is not None:
+            run.paths["model_ema"] = export_weights(run.run_dir / EXPORT_FILENAME, state)
 
     # ---------------------------------------------------------------- the average
 
@@ -217,7 +309,7 @@ class EMA:
             raise ConfigError("EMA.update before attach(model) (FIT_START attaches it)")
         beta = beta_for(self.samples_seen, window_samples, self.half_life, self.decay, self.rampup)
         with torch.no_grad():
-            torch._foreach_lerp_(self._ema_params, self._params, 1.0 - beta)
+            torch._foreach_lerp_(self._ema_params, [_local(p) for p in self._params], 1.0 - beta)
             if self._buffers:
                 torch._foreach_copy_(self._ema_buffers, self._buffers)
         self.samples_seen += int(window_samples)
@@ -225,9 +317,11 @@ class EMA:
 
     @property
     def averaged(self) -> dict[str, torch.Tensor]:
-        """The EMA parameters and buffers by their names in the module (live tensors)."""
+        """The EMA parameters and buffers by their names in the module (live tensors; under
+        FSDP each parameter's a ``DTensor`` viewing this rank's shard)."""
+        params = [_sharded_like(ema, p) for ema, p in zip(self._ema_params, self._params)]
         return {
-            **dict(zip(self._param_names, self._ema_params)),
+            **dict(zip(self._param_names, params)),
             **dict(zip(self._buffer_names, self._ema_buffers)),
         }
 
@@ -249,18 +343,23 @@ class EMA:
             raise ConfigError("the EMA weights can not be applied before attach(model)")
         if self._swapped is not None:
             return
-        live = [*self._params, *self._buffers]
+        _reshard(self._units)
         with torch.no_grad():
-            self._swapped = [tensor.detach().clone() for tensor in live]
-            torch._foreach_copy_([t.detach() for t in live], self._ema_params + self._ema_buffers)
+            live = self._live()
+            self._swapped = [tensor.clone() for tensor in live]
+            torch._foreach_copy_(live, self._ema_params + self._ema_buffers)
 
     def _swap_out(self) -> None:
         saved, self._swapped = self._swapped, None
         if saved is None:
             return
-        live = [*self._params, *self._buffers]
         with torch.no_grad():
-            torch._foreach_copy_([t.detach() for t in live], saved)
+            torch._foreach_copy_(self._live(), saved)
+        _reshard(self._units)
+
+    def _live(self) -> list[torch.Tensor]:
+        """The module's parameters (this rank's shards under FSDP) and buffers, detached."""
+        return [_local(t).detach() for t in [*self._params, *self._buffers]]
 
     def _describe(self) -> str:
         return "the whole model" if self.module is None else f"model.{self.module}"
@@ -268,13 +367,17 @@ class EMA:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
+        """The EMA by name, its sample and update counters. Under FSDP the parameters are
+        gathered whole to the CPU (collective: every rank calls it, as checkpoints do)."""
         if self._target is None and self._pending is not None:
             return dict(self._pending)
+        with torch.no_grad():
+            params = [_full(ema, p) for ema, p in zip(self._ema_params, self._params)]
         return {
             "module": self.module,
             "samples_seen": self.samples_seen,
             "updates": self.updates,
-            "params": dict(zip(self._param_names, self._ema_params)),
+            "params": dict(zip(self._param_names, params)),
             "buffers": dict(zip(self._buffer_names, self._ema_buffers)),
         }
 
@@ -294,25 +397,29 @@ class EMA:
         self._load(state)
 
     def _load(self, state: Mapping[str, Any]) -> None:
-        for kind, names, tensors in (
-            ("params", self._param_names, self._ema_params),
-            ("buffers", self._buffer_names, self._ema_buffers),
-        ):
+        """Copy a saved EMA in (full tensors: under FSDP each rank takes its shard of them);
+        every entry is checked before anything changes."""
+        groups = (
+            ("params", self._param_names, self._ema_params, self._params),
+            ("buffers", self._buffer_names, self._ema_buffers, self._buffers),
+        )
+        for kind, names, _, likes in groups:
             saved = state[kind]
             if sorted(saved) != sorted(names):
                 raise CheckpointError(
                     f"the saved EMA {kind} of {self._describe()} are {sorted(saved)[:5]}; the "
                     f"module has {sorted(names)[:5]}"
                 )
-            for name, tensor in zip(names, tensors):
+            for name, like in zip(names, likes):
                 value = saved[name]
-                if value.shape != tensor.shape or value.dtype != tensor.dtype:
+                if value.shape != like.shape or value.dtype != like.dtype:
                     raise CheckpointError(
                         f"the saved EMA entry {name!r} is {tuple(value.shape)} {value.dtype}; "
-                        f"the module's is {tuple(tensor.shape)} {tensor.dtype}"
+                        f"the module's is {tuple(like.shape)} {like.dtype}"
                     )
-            with torch.no_grad():
-                for name, tensor in zip(names, tensors):
-                    tensor.copy_(saved[name])
+        with torch.no_grad():
+            for kind, names, tensors, likes in groups:
+                for name, tensor, like in zip(names, tensors, likes):
+                    tensor.copy_(_shard_of(state[kind][name], like))
         self.samples_seen = int(state["samples_seen"])
         self.updates = int(state["updates"])

@@ -4,6 +4,13 @@
 ``noise_shape_of``), with the run's ``EMA`` weights when asked (``find_emas``, ``ema_weights``),
 in eval mode without gradients inside a forked RNG (``quiet_eval``), so that drawing or
 measuring changes nothing the training sees.
+
+Under FSDP2 (``parallel="fsdp"``) a forward of the sharded model is collective: each FSDP unit
+all-gathers its parameters from every rank. So the pictures rank 0 saves are drawn on every rank
+in lockstep (``runs_the_model``), and a method run outside ``forward`` (``sample``) must be one
+the engine registered with FSDP (``EngineConfig.fsdp_forward_methods``) or an FSDP unit itself;
+``check_sharded_method`` refuses any other at FIT_START, naming it, instead of a failure (or a
+hang) at the first picture.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import attrs
 import torch
 
 from callbacks.ema import EMA
+from engine.distributed.sharding import is_sharded_model
 from engine.errors import ConfigError
 from engine.state import RunState
 
@@ -106,4 +114,44 @@ def noise_shape_of(model: torch.nn.Module, given: Sequence[int] | None) -> tuple
     raise ConfigError(
         f"{type(model).__name__} has no latent_shape or latent_dim: give noise_shape, the shape "
         "of one sample's noise (e.g. [64])"
+    )
+
+
+def runs_the_model(run: RunState) -> bool:
+    """Whether this rank runs the model for the pictures rank 0 saves: rank 0 when it has a
+    run folder (``output_dir`` set); under FSDP every rank then too, since each forward of a
+    sharded model all-gathers from every rank (rank 0 alone would wait for the others)."""
+    if run.is_main_process:
+        return run.run_dir is not None
+    return run.config.output_dir is not None and is_sharded_model(run.model)
+
+
+def check_sharded_method(run: RunState, path: str, who: str) -> None:
+    """Under FSDP, method ``path`` of the model, run outside ``forward``, gathers its
+    parameters only when registered (named in ``fsdp_forward_methods``) or when it is an FSDP
+    unit (a module ``fully_shard`` wrapped); anything else is a ``ConfigError`` naming it and
+    the fix. Nothing to check for a model that is not sharded."""
+    model = run.model
+    if not is_sharded_model(model):
+        return
+    registered = tuple(run.config.fsdp_forward_methods)
+    if path in registered:
+        return
+    target = resolve_method(model, path)
+    from torch.distributed.fsdp import FSDPModule  # imported already: the model is sharded
+
+    if isinstance(target, FSDPModule):
+        return
+    if isinstance(target, torch.nn.Module):
+        fix = (
+            f"model.{path} is not an FSDP unit of its own (its parameters are gathered by the "
+            f"forward of the module that holds them): name its class in fsdp_blocks (e.g. "
+            f"fsdp_blocks=[{type(target).__name__!r}])"
+        )
+    else:
+        fix = f"name it in fsdp_forward_methods (e.g. fsdp_forward_methods=[{path!r}])"
+    raise ConfigError(
+        f"{who}: method {path!r} runs outside the forward of a model sharded by FSDP "
+        f"(parallel='fsdp'), so it would not gather its parameters; {fix}. Registered now: "
+        f"fsdp_forward_methods={list(registered)}"
     )

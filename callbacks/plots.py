@@ -3,7 +3,10 @@ their reconstructions and samples from the prior. Also the image helpers that tr
 
 The grid shows the run's ``EMA`` weights when the run keeps an EMA (``ema=None``, the default;
 ``ema=True`` requires one, ``ema=False`` shows the raw weights), and its panel titles say which
-weights they show; the raw weights come back bitwise after drawing.
+weights they show; the raw weights come back bitwise after drawing. Under FSDP
+(``parallel="fsdp"``) every rank runs the model for ``images.png`` with rank 0, in lockstep (a
+sharded forward gathers from every rank), and rank 0 alone writes; a model whose ``sample`` is
+not registered for FSDP (``fsdp_forward_methods``) is refused at FIT_START, naming it.
 
 matplotlib is an optional extra (``strategy-engine[plots]``), imported when a ``Plots`` is made;
 figures are drawn on matplotlib's Agg canvas directly, so no global backend is ever switched.
@@ -21,7 +24,13 @@ import torch
 
 from callbacks.ema import EMA
 from callbacks.extras import require_extra
-from callbacks.generation import check_ema_choice, ema_weights, find_emas
+from callbacks.generation import (
+    check_ema_choice,
+    check_sharded_method,
+    ema_weights,
+    find_emas,
+    runs_the_model,
+)
 from engine.config.validators import figsize_inches, positive_int
 from engine.errors import ConfigError, ModelOutputError
 from engine.state import RunState
@@ -225,6 +234,8 @@ class Plots:
     def on_fit_start(self, run: RunState) -> None:
         """Find the run's EMA (``ema=True`` without one is a ``ConfigError`` here)."""
         self._emas = find_emas(run, self.ema, "Plots") if self.image_batch is not None else []
+        if self.image_batch is not None and callable(getattr(run.model, "sample", None)):
+            check_sharded_method(run, "sample", "Plots")
         if self._emas and run.is_main_process and run.log is not None:
             run.log.info(f"Plots draws images.png with the {weights_label(self._emas)}")
 
@@ -238,6 +249,14 @@ class Plots:
             self._draw(run)
 
     def _draw(self, run: RunState) -> None:
+        """The PNGs (rank 0); under FSDP every rank runs the model for ``images.png``."""
+        if not runs_the_model(run):
+            return
+        images = None
+        if self.image_batch is not None:
+            with ema_weights(self._emas):
+                images = autoencoder_images(run, self.image_batch, self.num_samples)
+        self._drawn_epoch = run.progress.epoch
         if not run.is_main_process or run.run_dir is None:
             return
         folder = run.run_dir / self.folder
@@ -252,10 +271,7 @@ class Plots:
         for name in names:
             path = folder / f"loss_{name.replace('/', '_')}.png"
             save_loss_curve(path, name, run.history, self.figsize, self.dpi)
-        if self.image_batch is not None:
-            with ema_weights(self._emas):
-                images = autoencoder_images(run, self.image_batch, self.num_samples)
+        if images is not None:
             titled = titled_images(images, weights_label(self._emas))
             save_image_grid(folder / "images.png", titled, self.columns, self.figsize, self.dpi)
-        self._drawn_epoch = run.progress.epoch
         run.paths["plots"] = folder

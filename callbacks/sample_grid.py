@@ -14,7 +14,10 @@ forward on a fixed ``image_batch`` and shows its ``recon_x`` under the inputs. I
   side, so the progress of the same noise reads top to bottom.
 
 The model runs in eval mode under ``no_grad`` inside a forked RNG, so drawing changes nothing the
-training sees (a resumed run stays exact). Images are shown in ``value_range`` (default [0, 1];
+training sees (a resumed run stays exact). Under FSDP (``parallel="fsdp"``) every rank runs the
+model with rank 0, in lockstep (a sharded forward gathers from every rank), and rank 0 alone
+writes; a ``method`` that is not registered for FSDP (``fsdp_forward_methods``) is refused at
+FIT_START, naming it. Images are shown in ``value_range`` (default [0, 1];
 ``(-1, 1)`` for a tanh generator).
 """
 
@@ -33,12 +36,14 @@ from callbacks.extras import require_extra
 from callbacks.generation import (
     check_ema_choice,
     check_noise_shape,
+    check_sharded_method,
     check_value_range,
     ema_weights,
     find_emas,
     noise_shape_of,
     quiet_eval,
     resolve_method,
+    runs_the_model,
 )
 from callbacks.plots import as_images
 from engine.config.validators import (
@@ -141,6 +146,7 @@ class SampleGrid:
         self._emas = find_emas(run, self.ema, "SampleGrid")
         if self.samples:
             resolve_method(run.model, self.method)
+            check_sharded_method(run, self.method, "SampleGrid")
             if self.noise is None:
                 shape = noise_shape_of(run.model, self.noise_shape)
                 generator = torch.Generator().manual_seed(self.seed)
@@ -155,10 +161,13 @@ class SampleGrid:
     # ---------------------------------------------------------------- drawing
 
     def draw(self, run: RunState) -> dict[str, dict[str, torch.Tensor]] | None:
-        """Write this epoch's PNG and the strip; returns the images by column and row."""
-        if not run.is_main_process or run.run_dir is None:
+        """Write this epoch's PNG and the strip (rank 0); returns the images by column and row
+        (None where this rank draws nothing). Under FSDP every rank runs the model."""
+        if not runs_the_model(run):
             return None
         columns = self.images(run)
+        if not run.is_main_process or run.run_dir is None:
+            return columns
         epoch = run.progress.epoch
         folder = run.run_dir / self.folder
         folder.mkdir(exist_ok=True)
