@@ -123,6 +123,12 @@ class JointUpdates:
     lazy_ratios: Mapping[str, float] = attrs.field(factory=dict)
     _updates: dict[str, Update] | None = attrs.field(default=None, init=False)
     _windows: int = attrs.field(default=0, init=False)
+    # Per step these are read, not rebuilt: each role's flag key and, once set up, the updates.
+    _flag_keys: dict[str, str] = attrs.field(init=False)
+    _update_list: tuple[Update, ...] = attrs.field(default=(), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._flag_keys = {role: f"update_{role}" for role in self.specs}
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -161,6 +167,7 @@ class JointUpdates:
             role: build_update(spec, groups[role], ctx.device, self.lazy_ratios.get(role, 1.0))
             for role, spec in self.specs.items()
         }
+        self._update_list = tuple(self._updates.values())
 
     def read_losses(
         self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
@@ -182,19 +189,34 @@ class JointUpdates:
         rank's forward returned flags: another rank's may have. Every rank runs the same
         forwards (the schedule is the same on all), so all reduce the same roles.
         """
-        ran = [role for role in self.roles if role in outputs]
-        flags = [read_flag(outputs[role], f"update_{role}", ctx) for role in ran]
-        return dict(zip(ran, all_ranks_agree(flags, ctx.world)))
+        keys = self._flag_keys
+        flags = {
+            role: read_flag(outputs[role], keys[role], ctx) for role in keys if role in outputs
+        }
+        return self._agreed(flags, ctx)
+
+    def _agreed(self, flags: dict[str, bool], ctx: StepContext) -> dict[str, bool]:
+        """``flags`` as every rank agrees (each true only where it is true on all ranks)."""
+        if not ctx.world.is_distributed:
+            return flags
+        return dict(zip(flags, all_ranks_agree(list(flags.values()), ctx.world)))
 
     def read(
         self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
     ) -> dict[str, RoleStep]:
         """One ``RoleStep`` per role whose forward ran, with its schedule in this window."""
-        losses = self.read_losses(outputs, ctx)
-        flags = self.read_flags(outputs, ctx)
+        losses: dict[str, torch.Tensor] = {}
+        flags: dict[str, bool] = {}
+        keys = self._flag_keys
+        for role, spec in self.specs.items():  # one pass, in the roles' order
+            served = outputs.get(role)
+            if served is not None:
+                losses[role] = ctx.read_loss(served, spec.loss_key)
+                flags[role] = read_flag(served, keys[role], ctx)
+        flags = self._agreed(flags, ctx)
         return {
-            role: RoleStep(outputs[role], losses[role], flags[role], self.scheduled(role))
-            for role in losses
+            role: RoleStep(outputs[role], loss, flags[role], self.scheduled(role))
+            for role, loss in losses.items()
         }
 
     def train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
@@ -214,25 +236,29 @@ class JointUpdates:
         self._windows += 1
 
     def _train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
-        by_role = self.by_role
-        losses = [step.loss for step in steps.values()]
-        if ctx.nonfinite == "skip" and not losses_are_finite(losses, ctx.world):
-            skip_step(list(by_role.values()), ctx)
+        updates = self._update_list
+        if not updates:
+            raise StrategyError("the strategy is not set up: Engine.fit calls setup()")
+        if ctx.nonfinite == "skip" and not losses_are_finite(
+            [step.loss for step in steps.values()], ctx.world
+        ):
+            skip_step(updates, ctx)
             return False
         pairs = []
-        for role, update in by_role.items():
-            step = steps.get(role)
+        for update in updates:
+            step = steps.get(update.spec.role)
             if step is None or not step.active:
                 continue
             if not step.loss.requires_grad:
                 raise ModelOutputError(
-                    f"loss {update.spec.loss_key!r} of the {role} update does not depend "
-                    f"on any trainable parameter (it has no grad_fn) at step {ctx.progress.step}"
+                    f"loss {update.spec.loss_key!r} of the {update.spec.role} update does not "
+                    f"depend on any trainable parameter (it has no grad_fn) at step "
+                    f"{ctx.progress.step}"
                 )
             pairs.append((update, step.loss))
         if pairs:
-            backward_isolated(pairs, ctx, every_group=len(pairs) == len(by_role))
-        apply_updates(list(by_role.values()), ctx)
+            backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
+        apply_updates(updates, ctx)
         return True
 
     def step_metrics(

@@ -93,6 +93,15 @@ def _sliced(
             yield _rebuild(template, [leaf[lo:hi] for leaf in source])
 
 
+def _gathered(
+    template: Any, leaves: list[torch.Tensor], order: torch.Tensor, bounds: list[tuple[int, int]]
+) -> Iterator[Any]:
+    """The batches ``leaves[order[lo:hi]]``, gathered one at a time."""
+    for lo, hi in bounds:
+        index = order[lo:hi]
+        yield _rebuild(template, [_gather(leaf, index) for leaf in leaves])
+
+
 def _rebuild(template: Any, leaves: Sequence[torch.Tensor]) -> Any:
     if isinstance(template, torch.Tensor):
         return leaves[0]
@@ -155,20 +164,17 @@ class TensorBatches:
         return batch if self.device is None else move_to_device(batch, self.device)
 
     def _slices(self, epoch: int, start: int) -> Iterator[Any]:
+        """This epoch's batches from batch ``start``: cut from a shuffled copy of the data, or
+        gathered one by one when the data is too large to copy."""
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
         nbytes = sum(leaf.numel() * leaf.element_size() for leaf in self.leaves)
+        bounds = self.bounds[start:]
         if not self.shuffle:
-            source = self.leaves
-        elif nbytes <= _SHUFFLED_COPY_LIMIT:
-            order = order.to(self.leaves[0].device)
-            source = [_gather(leaf, order) for leaf in self.leaves]
-        else:
-            order = order.to(self.leaves[0].device)
-            for lo, hi in self.bounds[start:]:
-                index = order[lo:hi]
-                yield _rebuild(self.template, [_gather(leaf, index) for leaf in self.leaves])
-            return
-        yield from _sliced(self.template, source, self.bounds[start:])
+            return _sliced(self.template, self.leaves, bounds)
+        order = order.to(self.leaves[0].device)
+        if nbytes <= _SHUFFLED_COPY_LIMIT:
+            return _sliced(self.template, [_gather(leaf, order) for leaf in self.leaves], bounds)
+        return _gathered(self.template, self.leaves, order, bounds)
 
 
 @attrs.define(eq=False)

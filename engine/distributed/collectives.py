@@ -41,14 +41,16 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A field, not a property: every step reads it several times.
+    is_distributed: bool = attrs.field(init=False, repr=False)
+
+    @is_distributed.default
+    def _more_than_one(self) -> bool:
+        return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def current_world() -> World:
