@@ -169,8 +169,7 @@ def _backward(
         return
     params = sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
     if ctx.sharding is not None:  # FSDP2: inputs= can not reach the shards
-        with sharded_backward(ctx.sharding, params):
-            loss.backward(retain_graph=retain)
+        sharded_backward(ctx.sharding, loss, params, retain)
     else:
         _backward_into(loss, params, retain_graph=retain)
 

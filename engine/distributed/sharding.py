@@ -13,13 +13,17 @@ precision path under FSDP: ``MixedPrecisionPolicy`` (bf16 parameters in compute,
 reduction, fp32 sharded master weights) instead of autocast.
 
 Isolation under sharding. ``loss.backward(inputs=<sharded parameters>)`` silently produces no
-gradient: the graph holds the unsharded parameters FSDP all-gathered, not the sharded ones the
-optimiser steps. ``sharded_backward`` therefore runs a plain backward and drops what it leaked
-into the other roles: during the backward every other trainable parameter's gradient is set
-aside (``None``), so FSDP writes the leak into a fresh tensor, which is discarded when the
-set-aside gradients are put back. Each role's gradient is exactly the average over the ranks of
-its own loss's gradient. The price is compute and reduce-scatters for the other roles'
-gradients in each backward.
+gradient: the graph's leaves are the unsharded parameters FSDP all-gathered, not the sharded ones
+the optimiser steps. ``sharded_backward`` therefore back-propagates into the unsharded
+parameters of the role (``backward(inputs=<their unsharded parameters>)``, found through FSDP2's
+record of each sharded parameter): autograd computes only what reaches them, the other roles'
+units are not all-gathered again for this backward unless the path to the role runs through
+them, and FSDP reduce-scatters only the role's gradients (a unit whose parameters received none
+is skipped). Each role's gradient is exactly the average over the ranks of its own loss's
+gradient, with neither the compute nor the communication of the others'. Where this torch keeps
+that record elsewhere (a private structure of FSDP2, checked on every call), it falls back to a
+plain backward that drops what leaked into the other roles: correct, at the price of computing
+and reduce-scattering their gradients too.
 
 Accumulation. Every micro-batch's backward reduce-scatters (FSDP's ``no_sync`` would keep the
 unsharded gradients, model-sized, on every rank, and would accumulate the leaks where they can
@@ -83,13 +87,16 @@ class ShardingPlan:
 
 @attrs.define(eq=False)
 class Sharding:
-    """A sharded model: its mesh, its FSDP units (innermost first, the root last) and its
-    trainable parameters (the sharded ones the optimisers step)."""
+    """A sharded model: its mesh, its FSDP units (innermost first, the root last), its
+    trainable parameters (the sharded ones the optimisers step) and FSDP2's record of each
+    sharded parameter (``FSDPParam``, by the sharded parameter's id: where its unsharded
+    parameter, the graph's leaf, lives; empty where this torch keeps it elsewhere)."""
 
     model: nn.Module
     mesh: DeviceMesh
     units: list[nn.Module]
     trainable: list[nn.Parameter]
+    records: dict[int, object] = attrs.field(factory=dict)
 
 
 def build_mesh(plan: ShardingPlan, world: World, device: torch.device) -> DeviceMesh:
@@ -144,7 +151,23 @@ def shard_model(
         register_fsdp_forward_method(model.get_submodule(owner_path), method)
     sharded: list[nn.Module] = [unit for unit in model.modules() if isinstance(unit, FSDPModule)]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return Sharding(model, mesh, sharded, trainable)
+    return Sharding(model, mesh, sharded, trainable, _records(sharded))
+
+
+def _records(units: Sequence[nn.Module]) -> dict[int, object]:
+    """FSDP2's ``FSDPParam`` of each sharded parameter of ``units``, by the parameter's id.
+    It is private to FSDP2 (``FSDPModule._get_fsdp_state()._fsdp_param_groups``): anything
+    missing gives an empty record and ``sharded_backward`` its plain, leak-dropping path."""
+    records: dict[int, object] = {}
+    for unit in units:
+        state = getattr(unit, "_get_fsdp_state", None)
+        groups = getattr(state(), "_fsdp_param_groups", None) if callable(state) else None
+        for group in groups or ():
+            for record in getattr(group, "fsdp_params", ()):
+                sharded = getattr(record, "sharded_param", None)
+                if isinstance(sharded, nn.Parameter):
+                    records[id(sharded)] = record
+    return records
 
 
 def _units(model: nn.Module, plan: ShardingPlan) -> list[nn.Module]:
@@ -188,13 +211,41 @@ def _check_methods(model: nn.Module, paths: Sequence[str]) -> None:
             raise ConfigError(f"FSDP forward method {path!r}: {owner_path!r} is not a module")
 
 
-@contextlib.contextmanager
-def sharded_backward(sharding: Sharding, own: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Around a plain ``loss.backward()``: only ``own`` parameters keep what it writes.
+def sharded_backward(
+    sharding: Sharding, loss: torch.Tensor, own: Sequence[nn.Parameter], retain_graph: bool
+) -> None:
+    """``loss.backward()`` into the ``own`` sharded parameters only (the module docstring's
+    "Isolation under sharding"): into their unsharded parameters where FSDP2's records say
+    which they are, else (or where none of them was gathered yet) a plain backward whose leaks
+    into the other parameters are dropped."""
+    leaves = gathered_leaves(sharding, own)
+    if leaves:
+        loss.backward(inputs=leaves, retain_graph=retain_graph)
+        return
+    with _dropping_leaks(sharding, own):
+        loss.backward(retain_graph=retain_graph)
 
-    Every other trainable parameter's gradient is set aside during the backward and put back
-    after it, so the gradient the backward leaked into it is dropped; ``own`` accumulate.
-    """
+
+def gathered_leaves(sharding: Sharding, own: Sequence[nn.Parameter]) -> list[torch.Tensor] | None:
+    """The unsharded parameters (the graph's leaves) of the sharded parameters ``own``: those
+    FSDP gathered at least once (one never gathered is in no graph). None where a parameter's
+    record is missing or no longer its own (this torch keeps them elsewhere)."""
+    leaves: list[torch.Tensor] = []
+    for param in own:
+        record = sharding.records.get(id(param))
+        if record is None or getattr(record, "sharded_param", None) is not param:
+            return None
+        leaf = getattr(record, "_unsharded_param", None)
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            leaves.append(leaf)
+    return leaves
+
+
+@contextlib.contextmanager
+def _dropping_leaks(sharding: Sharding, own: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Around a plain ``loss.backward()``: only ``own`` parameters keep what it writes. Every
+    other trainable parameter's gradient is set aside during the backward and put back after
+    it, so the gradient the backward leaked into it is dropped; ``own`` accumulate."""
     mine = {id(param) for param in own}
     others = [param for param in sharding.trainable if id(param) not in mine]
     kept = [param.grad for param in others]

@@ -126,8 +126,7 @@ class Loop:
 
     def backward(self, role: str, loss: torch.Tensor, retain: bool, sync: bool) -> None:
         if self.sharding is not None:
-            with sharded_backward(self.sharding, self.params[role]):
-                loss.backward(retain_graph=retain)
+            sharded_backward(self.sharding, loss, self.params[role], retain)
         else:
             with gradient_sync([self.holders[role]], loss, self.ctx, sync):
                 loss.backward(inputs=self.params[role], retain_graph=retain)
@@ -244,6 +243,22 @@ def memory(mode: str, world: World) -> dict[str, int]:
     return training_bytes(params, [optimizer])
 
 
+def reduced_units(world: World) -> dict[str, int]:
+    """How many FSDP units each role's backward reduce-scatters (FSDP2's profiler label
+    ``FSDP::post_backward_reduce``), on the one-forward GAN with every Linear a unit: the
+    generator's 4 and the discriminator's 2, not all 6 (the other role's gradients are neither
+    computed nor reduce-scattered)."""
+    loop = make_loop(Case(plan=ShardingPlan(blocks=("Linear",))), "fsdp", world)
+    out = loop.model(torch.randn(2, 5))
+    counts = {}
+    for index, (role, key) in enumerate(ROLES.items()):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loop.backward(role, out[key], index == 0, True)
+        events = prof.events()
+        counts[role] = sum(1 for e in events if e.name.startswith("FSDP::post_backward_reduce"))
+    return counts
+
+
 def isolated_backward_of_shards(world: World) -> str:
     """The error of the engine's isolated backward (``gradient_sync``) on sharded parameters:
     ``backward(inputs=<shards>)`` would silently leave them without a gradient."""
@@ -271,6 +286,7 @@ def _rank(rank: int, world_size: int, port: int, folder: str) -> None:
         results["bf16"] = run_case(BF16, "fsdp", world)
         results["memory"] = {mode: memory(mode, world) for mode in ("fsdp", "ddp")}
         results["refusal"] = isolated_backward_of_shards(world)
+        results["reduced units"] = reduced_units(world)
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())

@@ -83,6 +83,15 @@ def test_each_rank_holds_about_half_of_ddps_training_bytes(ranks: list[dict[str,
 
 
 @pytest.mark.slow
+def test_a_roles_backward_reduce_scatters_only_its_own_units(ranks: list[dict[str, Any]]) -> None:
+    """Isolation costs no compute or communication for the other roles: the backward goes into
+    the role's unsharded parameters (the earlier plain backward reduce-scattered all 6 units in
+    each role's backward and dropped the other role's share)."""
+    for rank in ranks:
+        assert rank["reduced units"] == {"generator": 4, "discriminator": 2}
+
+
+@pytest.mark.slow
 def test_the_isolated_backward_refuses_sharded_parameters_instead_of_giving_no_gradient(
     ranks: list[dict[str, Any]],
 ) -> None:
