@@ -21,6 +21,7 @@ Nothing here trains; ``engine/loop.py`` calls these in order and then runs the l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,8 @@ def place_model(model: torch.nn.Module, config: EngineConfig, world: World) -> t
     device = resolve_device(config.device, world.local_rank)
     seed_everything(config.seed + world.rank)
     check_trainable(model)
-    model.to(device)
+    if not _is_on(model, device):  # already there (the usual second fit): no module walk
+        model.to(device)
     broadcast_module(model, world)
     return device
 
@@ -148,6 +150,12 @@ def setup_strategy(strategy: StepStrategy, model: torch.nn.Module, ctx: StepCont
     """Check each role's scheduler against its optimiser class, then ``strategy.setup``."""
     check_schedulers(strategy)
     strategy.setup(model, ctx)
+
+
+def _is_on(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``model`` is on ``device``."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return all(tensor.device == device for tensor in tensors)
 
 
 def check_trainable(model: Any) -> None:

@@ -202,13 +202,15 @@ def _buckets(params: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int
 
 def broadcast_module(module: torch.nn.Module, world: World) -> None:
     """Copy rank 0's parameters and buffers to every rank, so all ranks start identical."""
-    _broadcast([*module.parameters(), *module.buffers()], world)
+    if world.is_distributed:
+        _broadcast([*module.parameters(), *module.buffers()], world)
 
 
 def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
     """Copy rank 0's buffers (e.g. BatchNorm running statistics, which each rank updates from
     its own batches) to every rank; free for a model without buffers."""
-    _broadcast(list(module.buffers()), world)
+    if world.is_distributed:
+        _broadcast(list(module.buffers()), world)
 
 
 def _broadcast(tensors: list[torch.Tensor], world: World) -> None:
