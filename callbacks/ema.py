@@ -147,7 +147,7 @@ def _shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return spread.to_local()
 
 
-def _fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules FSDP2 sharded in ``model`` (none until ``torch.distributed.fsdp`` is
     imported: a run that does not shard never imports it)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
@@ -156,9 +156,11 @@ def _fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, fsdp.FSDPModule)]
 
 
-def _reshard(units: Sequence[torch.nn.Module]) -> None:
+def reshard(units: Sequence[torch.nn.Module]) -> None:
     """Drop every gathered copy of the units' parameters (a local op): the next forward
-    gathers what the shards hold now."""
+    gathers what the shards hold now. A forward without backward leaves a unit gathered under
+    ``fsdp_reshard_after_forward=False``: its module then lists the gathered copies as its
+    parameters (not the shards the optimisers and checkpoints know), and keeps them in memory."""
     for unit in units:
         unit.reshard()  # type: ignore[operator]
 
@@ -227,8 +229,8 @@ class EMA:
         a state loaded before (a checkpoint's) is put in place instead."""
         target = resolve_module(model, self.module)
         self._target = target
-        self._units = _fsdp_units(model)
-        _reshard(self._units)  # a gathered unit lists its gathered copies, not the shards
+        self._units = fsdp_units(model)
+        reshard(self._units)  # a gathered unit lists its gathered copies, not the shards
         named_params = list(target.named_parameters())
         named_buffers = list(target.named_buffers())
         if not named_params:
@@ -343,7 +345,7 @@ class EMA:
             raise ConfigError("the EMA weights can not be applied before attach(model)")
         if self._swapped is not None:
             return
-        _reshard(self._units)
+        reshard(self._units)
         with torch.no_grad():
             live = self._live()
             self._swapped = [tensor.clone() for tensor in live]
@@ -355,7 +357,7 @@ class EMA:
             return
         with torch.no_grad():
             torch._foreach_copy_(self._live(), saved)
-        _reshard(self._units)
+        reshard(self._units)
 
     def _live(self) -> list[torch.Tensor]:
         """The module's parameters (this rank's shards under FSDP) and buffers, detached."""

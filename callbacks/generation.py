@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import torch
 
-from callbacks.ema import EMA
+from callbacks.ema import EMA, fsdp_units, reshard
 from engine.distributed.sharding import is_sharded_model
 from engine.errors import ConfigError
 from engine.state import RunState
@@ -75,7 +75,8 @@ def ema_weights(emas: Sequence[EMA]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_eval(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """``model`` in eval mode, under ``no_grad``, inside a forked RNG; its mode comes back."""
+    """``model`` in eval mode, under ``no_grad``, inside a forked RNG; its mode comes back, and
+    an FSDP model its shards (the forwards may have left units gathered)."""
     was_training = model.training
     devices = [device] if device.type == "cuda" else []
     model.eval()
@@ -84,6 +85,7 @@ def quiet_eval(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
+        reshard(fsdp_units(model))
 
 
 def resolve_method(model: torch.nn.Module, path: str) -> Callable[..., Any]:

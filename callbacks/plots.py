@@ -29,6 +29,7 @@ from callbacks.generation import (
     check_sharded_method,
     ema_weights,
     find_emas,
+    quiet_eval,
     runs_the_model,
 )
 from engine.config.validators import figsize_inches, positive_int
@@ -87,20 +88,14 @@ def autoencoder_images(run: RunState, batch: Any, num_samples: int) -> dict[str,
     device = next(model.parameters()).device
     inputs = _inputs_of(batch)
     images = {"inputs": as_images(inputs)}
-    was_training = model.training
-    model.eval()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            outputs = run.engine.forward(model, _to_device(batch, device))
-            recon = outputs.get("recon_x") if isinstance(outputs, Mapping) else None
-            if isinstance(recon, torch.Tensor):
-                images["reconstructions"] = as_images(recon, like=inputs).clamp(0, 1)
-            sample = getattr(model, "sample", None)
-            if callable(sample):
-                images["samples"] = as_images(sample(num_samples), like=inputs).clamp(0, 1)
-    finally:
-        model.train(was_training)
+    with quiet_eval(model, device):
+        outputs = run.engine.forward(model, _to_device(batch, device))
+        recon = outputs.get("recon_x") if isinstance(outputs, Mapping) else None
+        if isinstance(recon, torch.Tensor):
+            images["reconstructions"] = as_images(recon, like=inputs).clamp(0, 1)
+        sample = getattr(model, "sample", None)
+        if callable(sample):
+            images["samples"] = as_images(sample(num_samples), like=inputs).clamp(0, 1)
     if len(images) == 1:
         keys = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
         raise ModelOutputError(

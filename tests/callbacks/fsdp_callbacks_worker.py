@@ -1,0 +1,242 @@
+"""What every rank of a 2-process gloo world runs for ``tests/callbacks/test_fsdp_callbacks.py``:
+``Engine.fit`` with ``parallel="fsdp"`` and the callbacks that keep or run the model (``EMA``,
+``SampleGrid``, ``Plots``), beside ``Checkpointing``.
+
+``spawn(folder)`` starts the ranks with the environment ``torchrun`` would give them; each rank
+saves what it observed to ``folder/rank<r>.pt``. One spawn runs every fit (torch takes seconds
+to start):
+
+* ``whole``: 2 epochs with ``fsdp_reshard_after_forward=False`` (the units stay gathered after
+  a forward without backward, as evaluation and drawing leave them) and an EMA used for
+  evaluation; the full parameters after every step, the EMA at the end;
+* ``first`` then ``resumed``: the same run saved after epoch 1 and resumed to epoch 2 (with the
+  default resharding): it must end bitwise where ``whole`` did;
+* ``refusals``: callbacks whose model method would not gather its parameters under FSDP.
+
+Each rank works in a folder of its own (``cwd<r>``), so a file written by a rank other than 0
+to a relative path shows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import callbacks
+import strategies
+from callbacks import EMA, Plots, SampleGrid
+from engine import Engine, EngineConfig, OptimizerSpec, RunState
+from engine.distributed.session import leave_process_group
+from tests.helpers import free_port, set_rank_environment
+
+SIDE = 4  # images are 1 x SIDE x SIDE
+BATCH = 3  # per rank
+N_TRAIN = 24  # 4 global batches of 2 x 3 per epoch
+EPOCHS = 2
+DECAY = 0.6  # a fixed decay: the EMA differs from the raw weights
+RUN = "fsdp"
+
+
+class TinyImageAE(nn.Module):
+    """An autoencoder of 1 x 4 x 4 images with a root parameter ``scale`` (in the root's FSDP
+    unit): ``sample`` (noise, or a count) reads it, so it works sharded only when registered
+    (``fsdp_forward_methods=("sample",)``)."""
+
+    latent_dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 6), nn.Tanh())
+        self.head = nn.Linear(6, 2)
+        self.decoder = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, SIDE * SIDE))
+        self.scale = nn.Parameter(torch.ones(SIDE * SIDE))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((self.decoder(z) * self.scale).view(-1, 1, SIDE, SIDE))  # no view out
+
+    def forward(self, batch: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
+        recon = self._decode(torch.tanh(self.head(self.encoder(batch))))
+        return {"loss": (recon - batch).pow(2).mean(), "recon_x": recon}
+
+    def sample(self, noise: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(noise, int):
+            noise = torch.linspace(-1.0, 1.0, 2 * noise).reshape(noise, 2)
+        return self._decode(noise)
+
+
+def train_data() -> torch.Tensor:
+    return torch.rand(N_TRAIN, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+
+
+def eval_data() -> torch.Tensor:
+    return torch.rand(6, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
+
+
+def config(**overrides: Any) -> EngineConfig:
+    values: dict[str, Any] = {
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "device": "cpu",
+        "output_dir": None,
+        "run_name": RUN,
+        "distributed_timeout_s": 60.0,
+        "parallel": "fsdp",
+        "fsdp_forward_methods": ("sample",),
+    }
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def picture_callbacks() -> list[Any]:
+    """The callbacks under test, as a one-process reference builds them too."""
+    images = eval_data()
+    return [
+        EMA(decay=DECAY, use_for_eval=True),
+        SampleGrid(
+            image_batch=images,
+            reconstructions=True,
+            num_samples=4,
+            columns=4,
+            strip_columns=4,
+            dpi=30,
+        ),
+        Plots(image_batch=images, num_samples=4, columns=4, figsize=(2.0, 3.0), dpi=30),
+    ]
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole (an all-gather for a DTensor: every rank calls it)."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+class Recorder:
+    """The full parameters at the start and after every step (collective: every rank), and at
+    the end the EMA as ``state_dict`` and ``averaged`` give it, the size of this rank's EMA
+    shards and the files this rank reports."""
+
+    priority = -10  # after the EMA
+
+    def __init__(self, model: nn.Module, ema: EMA) -> None:
+        self.model, self.ema = model, ema
+        self.trajectory: list[dict[str, torch.Tensor]] = []
+        self.end: dict[str, Any] = {}
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return {name: full(param) for name, param in self.model.named_parameters()}
+
+    def on_fit_start(self, run: RunState) -> None:
+        self.trajectory = [self._params()]
+
+    def on_batch_end(self, run: RunState) -> None:
+        self.trajectory.append(self._params())
+
+    def on_fit_end(self, run: RunState) -> None:
+        averaged = self.ema.averaged
+        self.end = {
+            "params": self._params(),
+            "ema_state": self.ema.state_dict(),
+            "averaged": {name: full(value) for name, value in averaged.items()},
+            "local_numel": sum(
+                (v.to_local() if isinstance(v, DTensor) else v).numel() for v in averaged.values()
+            ),
+            "paths": sorted(run.paths),
+            "run_dir": None if run.run_dir is None else str(run.run_dir),
+        }
+
+
+def fit(folder: Path, epochs: int, resume: Any = None, **overrides: Any) -> dict[str, Any]:
+    """One FSDP fit of ``TinyImageAE`` with the picture callbacks and checkpoints; what the
+    recorder saw."""
+    torch.manual_seed(0)
+    model = TinyImageAE()
+    pictures = picture_callbacks()
+    recorder = Recorder(model, pictures[0])
+    engine = Engine(
+        strategies.Standard(OptimizerSpec("Adam", lr=0.05)),
+        config(epochs=epochs, output_dir=folder, **overrides),
+        [*pictures, callbacks.Checkpointing(), recorder],
+    )
+    engine.fit(model, train_data(), eval_data(), resume=resume)
+    return {"trajectory": recorder.trajectory, **recorder.end}
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_batch_end(self, run: RunState) -> None:
+        self.count += 1
+
+
+def refusal(callback: Any, **overrides: Any) -> tuple[str, str, int]:
+    """The error a fit with ``callback`` raises, and how many steps it ran first."""
+    torch.manual_seed(0)
+    steps = Steps()
+    engine = Engine(
+        strategies.Standard(OptimizerSpec("Adam", lr=0.05)),
+        config(epochs=1, **overrides),
+        [callback, steps],
+    )
+    try:
+        engine.fit(TinyImageAE(), train_data())
+    except Exception as error:
+        return type(error).__name__, str(error), steps.count
+    return "no error", "", steps.count
+
+
+def scenario(rank: int, folder: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    results["whole"] = fit(folder / "whole", EPOCHS, fsdp_reshard_after_forward=False)
+    results["first"] = fit(folder / "resumed", 1)
+    results["resumed"] = fit(folder / "resumed", EPOCHS, resume="last")
+    unregistered = {"fsdp_forward_methods": ()}
+    results["refusals"] = {
+        "SampleGrid sample": refusal(SampleGrid(num_samples=2), **unregistered),
+        "Plots sample": refusal(Plots(image_batch=eval_data()), **unregistered),
+        "SampleGrid submodule": refusal(SampleGrid(num_samples=2, method="encoder.1")),
+    }
+    return results
+
+
+def _entry(rank: int, world_size: int, port: int, folder: str) -> None:
+    set_rank_environment(rank, world_size, port)
+    out = Path(folder)
+    own = out / f"cwd{rank}"
+    own.mkdir()
+    os.chdir(own)
+    try:
+        result = scenario(rank, out)
+    except BaseException:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        leave_process_group()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def spawn(folder: Path, world_size: int = 2, deadline_s: float = 300.0) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank. Ranks still
+    running after ``deadline_s`` (a hang) are killed and the call fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    context = mp.start_processes(
+        _entry,
+        args=(world_size, free_port(), str(folder)),
+        nprocs=world_size,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"the FSDP fits still ran after {deadline_s} s: a hang")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
