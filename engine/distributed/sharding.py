@@ -150,8 +150,31 @@ def shard_model(
         owner_path, _, method = path.rpartition(".")
         register_fsdp_forward_method(model.get_submodule(owner_path), method)
     sharded: list[nn.Module] = [unit for unit in model.modules() if isinstance(unit, FSDPModule)]
+    _initialise_now(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Sharding(model, mesh, sharded, trainable, _records(sharded))
+
+
+def _initialise_now(model: nn.Module) -> None:
+    """Run FSDP2's lazy initialisation now, while every parameter the strategies will train
+    requires grad, rather than at the model's first forward.
+
+    Why: at its initialisation FSDP2 takes each unit's original and reduce dtypes (those of
+    the ``MixedPrecisionPolicy``) from the unit's parameters that require grad *at that
+    moment*. A unit whose parameters are all frozen then (a role switched off with
+    ``requires_grad_(False)`` for the first step, or a discriminator frozen during the
+    generator's phase when that phase comes first) gets neither; once unfrozen, its bf16
+    gradients are reduce-scattered in bf16 and assigned as they are to the fp32 shards, and the
+    backward fails: "attempting to assign a gradient with dtype 'c10::BFloat16' to a tensor
+    with grad_dtype 'Float'". Initialised here, the dtypes follow what is trainable when the
+    model is sharded, and FSDP2 does not initialise again. (``Engine.fit`` was safe already:
+    its pre-flight forward comes first; a loop of one's own around ``shard_model`` was not.)
+    The hook is private to FSDP2 (``_get_fsdp_state()._lazy_init``); where this torch lacks
+    it, initialisation stays at the first forward."""
+    state = getattr(model, "_get_fsdp_state", None)
+    initialise = getattr(state(), "_lazy_init", None) if callable(state) else None
+    if callable(initialise):
+        initialise()
 
 
 def _records(units: Sequence[nn.Module]) -> dict[int, object]:

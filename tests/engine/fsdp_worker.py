@@ -259,6 +259,30 @@ def reduced_units(world: World) -> dict[str, int]:
     return counts
 
 
+def frozen_first_forward(world: World, frozen: bool) -> dict[str, Any]:
+    """Under the bf16 policy: a first forward with the discriminator frozen
+    (``requires_grad_(False)``) and a generator step, then both roles' backwards with it
+    unfrozen; every gradient after them (full tensors), or the error of the backward."""
+    loop = make_loop(BF16, "fsdp", world)
+    discriminator = loop.params["discriminator"]
+    batch = share(global_batches(1, 1)[0], world)
+    try:
+        for param in discriminator:
+            param.requires_grad_(not frozen)
+        loop.backward("generator", loop.model(batch)["autoencoder_loss"], False, True)
+        loop.optimizers["generator"].step()
+        loop.optimizers["generator"].zero_grad(set_to_none=True)
+        for param in discriminator:
+            param.requires_grad_(True)
+        out = loop.model(batch)
+        for index, (role, key) in enumerate(ROLES.items()):
+            loop.backward(role, out[key], index == 0, True)
+    except RuntimeError as error:
+        return {"error": str(error)}
+    grads = {name: p.grad for name, p in loop.model.named_parameters()}
+    return {"grads": {name: full(g) for name, g in grads.items() if g is not None}}
+
+
 def isolated_backward_of_shards(world: World) -> str:
     """The error of the engine's isolated backward (``gradient_sync``) on sharded parameters:
     ``backward(inputs=<shards>)`` would silently leave them without a gradient."""
@@ -287,6 +311,10 @@ def _rank(rank: int, world_size: int, port: int, folder: str) -> None:
         results["memory"] = {mode: memory(mode, world) for mode in ("fsdp", "ddp")}
         results["refusal"] = isolated_backward_of_shards(world)
         results["reduced units"] = reduced_units(world)
+        # Last: without the fix its backward fails inside FSDP, leaving FSDP's state torn.
+        results["frozen first"] = {
+            frozen: frozen_first_forward(world, frozen) for frozen in (False, True)
+        }
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())

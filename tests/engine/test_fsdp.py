@@ -92,6 +92,25 @@ def test_a_roles_backward_reduce_scatters_only_its_own_units(ranks: list[dict[st
 
 
 @pytest.mark.slow
+def test_under_bf16_a_role_frozen_in_the_first_forward_trains_once_unfrozen(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """FSDP2 takes each unit's mixed-precision dtypes from its parameters that require grad at
+    its initialisation: at the first forward, where a frozen discriminator's unit got none and
+    its bf16 gradients later failed to land on the fp32 shards. ``shard_model`` initialises
+    FSDP2 itself: the frozen run's gradients are the never-frozen run's, bitwise, in fp32."""
+    for rank in ranks:
+        frozen, never = rank["frozen first"][True], rank["frozen first"][False]
+        assert "error" not in frozen, frozen["error"]
+        assert "error" not in never, never["error"]
+        assert {k.split(".")[0] for k in frozen["grads"]} == {"encoder", "decoder", "discriminator"}
+        assert frozen["grads"].keys() == never["grads"].keys()
+        for key, grad in frozen["grads"].items():
+            assert grad.dtype == torch.float32, key
+            assert torch.equal(grad, never["grads"][key]), key
+
+
+@pytest.mark.slow
 def test_the_isolated_backward_refuses_sharded_parameters_instead_of_giving_no_gradient(
     ranks: list[dict[str, Any]],
 ) -> None:
