@@ -10,6 +10,7 @@ uninterrupted run, bf16, HSDP meshes, and the refusals before training.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import traceback
@@ -68,6 +69,27 @@ class Tiny(nn.Module):
         return self.decoder(z) * self.scale
 
 
+class Switching(Tiny):
+    """``Tiny`` whose first training forward switches the discriminator's update off and, with
+    ``freeze``, that freezes the discriminator (``requires_grad_(False)``) in the generator's
+    phase and unfreezes it in its own (the idiom of pix2pix's ``set_requires_grad``)."""
+
+    def __init__(self, freeze: bool) -> None:
+        super().__init__()
+        self.freeze = freeze
+        self.forwards = 0
+
+    def forward(self, batch: torch.Tensor, phase: str | None = None, **_: Any) -> dict[str, Any]:
+        if self.training and self.freeze:
+            self.discriminator.requires_grad_(phase != "generator")
+        out = super().forward(batch, phase)
+        if self.training:
+            self.forwards += 1
+            if self.forwards == 1:
+                out["update_discriminator"] = False
+        return out
+
+
 def train_data() -> torch.Tensor:
     return torch.randn(N_TRAIN, FEATURES, generator=torch.Generator().manual_seed(1))
 
@@ -121,11 +143,18 @@ class Observer:
         self.sample: torch.Tensor | None = None
         self.run: Any = None
         self.steps = 0
+        self.initial = ""
+
+    def on_fit_start(self, run: Any) -> None:
+        self.initial = self._digest()
 
     def on_batch_end(self, run: Any) -> None:
         self.steps += 1
+        self.digests.append(self._digest())
+
+    def _digest(self) -> str:
         flat = torch.cat([p.flatten() for p in full_parameters(self.model).values()])
-        self.digests.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+        return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
     def on_fit_end(self, run: Any) -> None:
         self.run = run
@@ -135,12 +164,18 @@ class Observer:
 
 
 def fit(
-    name: str, rank: int, epochs: int = 2, resume: Any = None, checkpoints: bool = False, **kw: Any
+    name: str,
+    rank: int,
+    epochs: int = 2,
+    resume: Any = None,
+    checkpoints: bool = False,
+    make: Callable[[], Tiny] = Tiny,
+    **kw: Any,
 ) -> dict[str, Any]:
-    """Fit strategy ``name`` on ``Tiny`` initialised from ``rank`` (the engine broadcasts rank
-    0's weights); what it ended with."""
+    """Fit strategy ``name`` on the model ``make`` builds (``Tiny``) initialised from ``rank``
+    (the engine broadcasts rank 0's weights); what it ended with."""
     torch.manual_seed(rank)
-    model = Tiny()
+    model = make()
     strategy = STRATEGIES[name]()
     observer = Observer(model)
     extra = [callbacks.Checkpointing()] if checkpoints else []
@@ -153,6 +188,7 @@ def fit(
         "params": full_parameters(model),
         "history": result.history,
         "digests": observer.digests,
+        "initial": observer.initial,
         "sample": observer.sample,
         "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
         "dtypes": {n: p.dtype for n, p in model.named_parameters()},
@@ -185,6 +221,20 @@ def scenario(rank: int, folder: Path) -> dict[str, Any]:
     results["bf16"] = fit(standard, rank, parallel="fsdp", precision="bf16")
     results["hsdp"] = {
         str(mesh): fit(standard, rank, parallel="fsdp", fsdp_mesh=mesh) for mesh in [(1, 2), (2, 1)]
+    }
+
+    # bf16, the discriminator's update off in the first window (and the generator's phase not
+    # in it: n_critic 2), the discriminator frozen in the generator's phase or not.
+    results["switching"] = {
+        freeze: fit(
+            "Adversarial two-phase n_critic 2",
+            rank,
+            epochs=1,
+            make=functools.partial(Switching, freeze),
+            parallel="fsdp",
+            precision="bf16",
+        )
+        for freeze in (False, True)
     }
 
     # Resume from sharded checkpoints: 1 epoch saved, then on to 3; the 3 epochs in one go.

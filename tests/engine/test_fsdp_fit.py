@@ -87,6 +87,27 @@ def test_bf16_under_fsdp_is_bf16_compute_on_fp32_master_weights(ranks: Results) 
 
 
 @pytest.mark.slow
+def test_bf16_with_the_discriminator_off_in_the_first_window_and_frozen_by_phase(
+    ranks: Results,
+) -> None:
+    """Two-phase, n_critic 2, bf16: the first window switches the discriminator's update off
+    (and the generator's phase is not in it), so nothing moves in step 0; the model that also
+    freezes its discriminator in the generator's phase trains bitwise as the one that does not
+    (a frozen role's unit keeps its fp32 reduction: ``shard_model`` initialises FSDP2)."""
+    (rank0, rank1), _ = ranks
+    never, frozen = rank0["switching"][False], rank0["switching"][True]
+    for run in (never, frozen):
+        assert len(run["digests"]) == worker.N_TRAIN // (2 * worker.BATCH)
+        assert run["digests"][0] == run["initial"]  # neither role stepped in window 0
+        assert run["digests"][1] != run["initial"]
+        assert set(run["dtypes"].values()) == {torch.float32}
+    for freeze in (False, True):
+        assert rank0["switching"][freeze]["digests"] == rank1["switching"][freeze]["digests"]
+    assert frozen["digests"] == never["digests"]
+    assert _without_seconds(frozen["history"]) == _without_seconds(never["history"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["(1, 2)", "(2, 1)"])
 def test_an_hsdp_mesh_trains_as_the_one_dimensional_one(ranks: Results, mesh: str) -> None:
     (rank0, rank1), _ = ranks
