@@ -11,6 +11,7 @@ to start):
   evaluation; the full parameters after every step, the EMA at the end;
 * ``first`` then ``resumed``: the same run saved after epoch 1 and resumed to epoch 2 (with the
   default resharding): it must end bitwise where ``whole`` did;
+* ``hsdp``: ``first`` on a 2-D mesh (replicated over 1 rank, sharded over 2);
 * ``refusals``: callbacks whose model method would not gather its parameters under FSDP.
 
 Each rank works in a folder of its own (``cwd<r>``), so a file written by a rank other than 0
@@ -197,6 +198,7 @@ def scenario(rank: int, folder: Path) -> dict[str, Any]:
     results["whole"] = fit(folder / "whole", EPOCHS, fsdp_reshard_after_forward=False)
     results["first"] = fit(folder / "resumed", 1)
     results["resumed"] = fit(folder / "resumed", EPOCHS, resume="last")
+    results["hsdp"] = fit(folder / "hsdp", 1, fsdp_mesh=(1, 2))  # (Replicate, Shard) placements
     unregistered = {"fsdp_forward_methods": ()}
     results["refusals"] = {
         "SampleGrid sample": refusal(SampleGrid(num_samples=2), **unregistered),

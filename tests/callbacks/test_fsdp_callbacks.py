@@ -94,6 +94,20 @@ def test_resume_from_sharded_checkpoints_continues_the_ema_and_pictures_bitwise(
         assert torch.equal(drawn, _pixels(folder / "whole" / worker.RUN / "samples" / name)), name
 
 
+@pytest.mark.slow
+def test_on_an_hsdp_mesh_the_ema_is_sharded_and_the_same_as_on_the_one_dimensional_one(
+    ranks: Results,
+) -> None:
+    results, _ = ranks
+    for rank in results:
+        hsdp, flat = rank["hsdp"], rank["first"]
+        assert hsdp["local_numel"] == flat["local_numel"]
+        torch.testing.assert_close(hsdp["params"], flat["params"], rtol=1e-6, atol=1e-7)
+        state = hsdp["ema_state"]["params"]
+        torch.testing.assert_close(state, flat["ema_state"]["params"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(state, _ema_of(hsdp["trajectory"]), rtol=0, atol=1e-7)
+
+
 def _draw_alone(folder: Path, end: dict[str, Any]) -> None:
     """The last epoch's pictures, drawn in one process from the weights and EMA a run ended
     with, by the same callbacks."""
