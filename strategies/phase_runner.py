@@ -176,10 +176,10 @@ class _WindowStep:
         return {key: torch.stack(values).mean() for key, values in self.values.items()}
 
 
-@attrs.frozen
+@attrs.define(eq=False)  # not frozen: torch.compile cannot trace a frozen attrs __init__
 class PhaseTerms:
     """What one batch's forward gives a phase: its loss (None for a regulariser-only phase)
-    and each penalty by name (unweighted by the lazy gain)."""
+    and each penalty by name (unweighted by the lazy gain); never changed once built."""
 
     loss_key: str | None
     loss: torch.Tensor | None
