@@ -34,7 +34,7 @@ weights), updated and swapped in with local ops only (no communication), so the 
 stays. Swapping reshards the model's FSDP units first and after (a unit left gathered by a
 forward with ``fsdp_reshard_after_forward=False`` would otherwise compute with the weights it
 gathered, not the ones swapped in, and hand them to the next training step). ``averaged``
-gives the shards as ``DTensor`` s (``.full_tensor()`` on every rank gathers one). Collective
+gives the shards as DTensors (``.full_tensor()`` on every rank gathers one). Collective
 there, so every rank calls them at the same point (the engine's events do): ``state_dict``
 gathers the full tensors to the CPU (a checkpoint's ``training.pt`` holds plain tensors, which
 load into any world size, one process too) and the ``model_ema.pt`` export gathers the model
