@@ -44,8 +44,7 @@ to rank 0; ``load_state_dict`` takes each rank's shard of the full tensors.
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -54,6 +53,7 @@ import torch
 from engine.checkpoint.export import export_weights
 from engine.config.validators import is_bool, optional, positive_number
 from engine.distributed.sharding import is_dtensor, is_sharded_model
+from engine.distributed.units import fsdp_units, reshard
 from engine.errors import CheckpointError, ConfigError
 from engine.state import RunState
 
@@ -145,24 +145,6 @@ def _shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         src_data_rank=None,
     )
     return spread.to_local()
-
-
-def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules FSDP2 sharded in ``model`` (none until ``torch.distributed.fsdp`` is
-    imported: a run that does not shard never imports it)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is None:
-        return []
-    return [module for module in model.modules() if isinstance(module, fsdp.FSDPModule)]
-
-
-def reshard(units: Sequence[torch.nn.Module]) -> None:
-    """Drop every gathered copy of the units' parameters (a local op): the next forward
-    gathers what the shards hold now. A forward without backward leaves a unit gathered under
-    ``fsdp_reshard_after_forward=False``: its module then lists the gathered copies as its
-    parameters (not the shards the optimisers and checkpoints know), and keeps them in memory."""
-    for unit in units:
-        unit.reshard()  # type: ignore[operator]
 
 
 def beta_for(

@@ -22,8 +22,9 @@ from typing import Any
 import attrs
 import torch
 
-from callbacks.ema import EMA, fsdp_units, reshard
+from callbacks.ema import EMA
 from engine.distributed.sharding import is_sharded_model
+from engine.distributed.units import reshard_model
 from engine.errors import ConfigError
 from engine.state import RunState
 
@@ -85,7 +86,7 @@ def quiet_eval(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-        reshard(fsdp_units(model))
+        reshard_model(model)
 
 
 def resolve_method(model: torch.nn.Module, path: str) -> Callable[..., Any]:

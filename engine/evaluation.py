@@ -27,6 +27,7 @@ from engine.distributed.collectives import (
     sum_named_over_ranks,
 )
 from engine.distributed.sharding import is_sharded_model
+from engine.distributed.units import reshard_model
 from engine.errors import ConfigError, ModelOutputError
 from engine.protocols import StepStrategy
 
@@ -138,7 +139,13 @@ def predict_batches(
 @contextmanager
 def inference(model: torch.nn.Module, ctx: StepContext) -> Iterator[None]:
     """Eval mode and a forked RNG for the duration, the model's mode restored after. Gradients
-    stay off unless ``ctx.eval_with_grad`` (models whose loss calls ``autograd.grad``)."""
+    stay off unless ``ctx.eval_with_grad`` (models whose loss calls ``autograd.grad``).
+
+    An FSDP2 model's units are put back on their shards after it (a local op): its forwards are
+    followed by no backward, so with ``fsdp_reshard_after_forward=False`` they would leave each
+    unit gathered, the model listing the gathered copies as its parameters in place of the
+    shards the optimisers and a sharded checkpoint know (``engine/distributed/units.py``). This
+    covers evaluation, prediction and the pre-flight forward, which all run inside it."""
     was_training = model.training
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     grad = torch.enable_grad() if ctx.eval_with_grad else torch.no_grad()
@@ -148,6 +155,7 @@ def inference(model: torch.nn.Module, ctx: StepContext) -> Iterator[None]:
             yield
         finally:
             model.train(was_training)
+            reshard_model(model)
 
 
 def batch_size(batch: Any) -> int:

@@ -14,7 +14,8 @@ role. (Optimiser values were checked when each spec was made.) ``Engine.fit`` th
    under ``no_grad`` (``enable_grad`` with ``eval_with_grad``) and a forked RNG, the model's mode
    restored after: nothing of training changes. It resolves the strategy's loss keys and
    metrics against what the model returns, and names data problems (integer images, shapes).
-   Each metric must be a 0-d tensor.
+   Each metric must be a 0-d tensor. An FSDP2 model's units are back on their shards after it
+   (``inference`` reshards them), so FIT_START callbacks see the shards, not gathered copies.
 3. ``produced_names``: every metric name the run's epochs will hold: ``train/<key>`` for the
    step's metrics, ``eval/<key>`` when evaluation runs at least once, ``lr/<role>``, ``epoch``,
    ``seconds``, ``skipped_steps``, and whatever the strategy or a callback declares with an

@@ -16,7 +16,10 @@ Saving is collective: every rank writes its shards into a hidden staging folder 
 rank 0 chose), the full model state is gathered to rank 0, rank 0 writes the other files, its
 marker, fsyncs, and renames the folder into place; then every rank returns. A crash or a
 ``kill -9`` of the ranks at any moment leaves the staging folder without a marker, never
-loaded: the previous checkpoint stays the one ``latest_sharded`` finds.
+loaded: the previous checkpoint stays the one ``latest_sharded`` finds. Saving, the full-state
+export and loading first put every FSDP unit back on its shards (``engine/distributed/units.py``):
+a unit left gathered by a forward without backward (``fsdp_reshard_after_forward=False``) lists
+its gathered copies as the model's parameters, which the optimisers' state can not be matched to.
 
 Loading verifies every file against the marker first (sizes and hashes), then DCP reads the
 shards into the model and optimisers as the loading ranks hold them: the same world size
@@ -73,6 +76,7 @@ from engine.checkpoint.format import (
     remove_stale_folders,
 )
 from engine.distributed.collectives import World
+from engine.distributed.units import reshard_model
 from engine.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -111,6 +115,7 @@ def save_sharded(
     if not names:
         raise CheckpointError(f"save_sharded needs at least one name, got {names!r}")
     check_weights_only_payload(dict(training_state), TRAINING_FILE)
+    reshard_model(model)  # a unit left gathered lists copies the optimisers do not know
     staging = directory / f"{STAGING_PREFIX}{names[0]}-{_agreed_stamp(world)}"
     if world.is_main:
         staging.mkdir(parents=True)
@@ -148,6 +153,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's full state in plain CPU tensors on rank 0 (an empty dict on the other ranks,
     a sharded model's parameters gathered: collective, every rank calls it); the plain
     ``state_dict`` of a model that is not sharded."""
+    reshard_model(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
 
@@ -313,6 +319,7 @@ def load_sharded(
     meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     _check_metadata(path / SHARDS / ".metadata")
     training = load_torch_file(path / TRAINING_FILE)
+    reshard_model(model)
     with_state: dict[str, list[str]] = meta["optimizer_state"]
     unknown = sorted(set(with_state) ^ set(optimizers))
     if unknown:
