@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import coldstart, dataset_size, memory, overhead, suite
+from benchmarks import coldstart, dataset_size, instructions, memory, overhead, suite
 from benchmarks.harness import Runner, interleave, markdown_table
 from benchmarks.peers import available
 from benchmarks.workloads import WORKLOADS
@@ -106,3 +106,19 @@ def test_peers_run_on_the_standard_workload(capsys: pytest.CaptureFixture[str]) 
     timings = interleave(runners, 64, 1, torch.device("cpu"), warmup=0)
     names = {t.name.split()[0] for t in timings}
     assert {peer.capitalize() for peer in available()} <= {n.capitalize() for n in names}
+
+
+def test_instruction_count_child_counts_exactly_one_warm_epoch() -> None:
+    """Counting is switched on after a warm-up epoch and off after the next one, for the
+    floor and the engine alike (callgrind itself is not run here: minutes per trainer)."""
+    for trainer in instructions.TRAINERS:
+        switches: list[bool] = []
+        instructions.one_run("mlp_vae_1x4x4", trainer, 2, count=switches.append)
+        assert switches == [True, False]
+
+
+def test_instruction_count_refuses_steps_out_of_order(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        instructions.main(["--steps", "120", "20"])
+    assert exit_info.value.code == 2
+    assert "error: --steps needs 0 < SHORT < LONG, got 120 20" in capsys.readouterr().err
