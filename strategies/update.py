@@ -132,8 +132,10 @@ def backward_isolated(
     ``inputs=``, which reaches the same parameters and spares autograd's input bookkeeping.
     ``sync`` says whether these backwards average the gradients over the ranks as they run
     (``engine/distributed/replication.py``); by default, those of the window's last micro-batch.
-    Under FSDP2 (``ctx.sharding``) ``inputs=`` can not reach the sharded parameters: a plain
-    backward runs and what it leaks into the other groups is dropped (``sharded_backward``).
+    Under FSDP2 (``ctx.sharding``) ``inputs=`` can not reach the sharded parameters the
+    optimisers step: each loss is back-propagated into its group's gathered (unsharded)
+    parameters instead, so only that group's units are reduce-scattered (``sharded_backward``;
+    a plain backward that drops what leaks into the other groups is its fallback).
     """
     merged: list[tuple[torch.Tensor, list[Update]]] = []
     for update, loss in pairs:
@@ -168,7 +170,7 @@ def _backward(
         loss.backward()
         return
     params = sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
-    if ctx.sharding is not None:  # FSDP2: inputs= can not reach the shards
+    if ctx.sharding is not None:  # FSDP2: into the gathered parameters, not the shards
         sharded_backward(ctx.sharding, loss, params, retain)
     else:
         _backward_into(loss, params, retain_graph=retain)

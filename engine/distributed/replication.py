@@ -234,8 +234,8 @@ def gradient_sync(
             raise StrategyError(
                 f"the parameters of role {holder.role!r} are FSDP2 shards (DTensor): an "
                 "isolated backward(inputs=...) would give them no gradient, silently; shard "
-                "through engine/distributed/sharding.py (sharded_backward drops the leaked "
-                "gradients instead)"
+                "through engine/distributed/sharding.py (sharded_backward back-propagates "
+                "into the gathered parameters instead)"
             )
     world = ctx.world
     if not world.is_distributed:
