@@ -26,6 +26,16 @@ its share of the batches (batch ``b`` on rank ``b % world_size``), the sums are 
 ranks and the reservoirs concatenated, so every rank logs the same values. The model runs in
 eval mode, without gradients, inside a forked RNG, with the EMA weights when the run has an
 ``EMA`` callback (``ema=None``; ``True`` requires one, ``False`` measures the raw weights).
+
+Under FSDP2 (``parallel="fsdp"``) every forward of the sharded model is collective (each FSDP
+unit all-gathers its parameters from every rank), so every rank runs as many model calls as the
+rank with the most batches, in lockstep: a rank whose share is shorter (the batch count does not
+divide by the world size) calls the model once more per missing batch on the last batch's input
+and measures nothing of it. No communication decides this: every rank knows the batch count.
+The statistics stay those of each batch exactly once, so FID and KID equal one process's on the
+same weights. A ``method`` run outside ``forward`` (``sample``) must be registered with FSDP
+(``EngineConfig.fsdp_forward_methods``) or be an FSDP unit: FIT_START refuses any other, naming
+it (``check_sharded_method``). After measuring, the model's units are back on their shards.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import torch
 from callbacks.generation import (
     check_ema_choice,
     check_noise_shape,
+    check_sharded_method,
     check_value_range,
     ema_weights,
     find_emas,
@@ -56,6 +67,7 @@ from callbacks.quality.statistics import (
 )
 from engine.config.validators import non_empty_str, one_of, positive_int
 from engine.distributed.collectives import World
+from engine.distributed.sharding import is_sharded_model
 from engine.errors import ConfigError, ModelOutputError
 from engine.state import RunState
 
@@ -150,6 +162,7 @@ class QualityMetrics:
         if self.source == "samples":
             resolve_method(run.model, self.method)
             noise_shape_of(run.model, self.noise_shape)
+            check_sharded_method(run, self.method, "QualityMetrics")
         self._logged = False
 
     def on_epoch_end(self, run: RunState) -> None:
@@ -239,32 +252,45 @@ class QualityMetrics:
     def _generated_batches(
         self, run: RunState, device: torch.device, world: World
     ) -> Iterator[torch.Tensor]:
+        """This rank's share of the generated images, batch ``b`` on rank ``b % world_size``.
+        Under FSDP every rank calls the model as many times as the rank with the most batches:
+        a rank out of batches runs the last batch again and yields nothing of it."""
+        batches = math.ceil(self.num_samples / self.batch_size)
+        turns = math.ceil(batches / world.world_size)
+        lockstep = is_sharded_model(run.model)
+        for turn in range(turns):
+            number = turn * world.world_size + world.rank
+            if number < batches:
+                yield self._scaled(self._generate(run, device, number).float())
+            elif lockstep:
+                self._generate(run, device, batches - 1)  # padding: a forward, not measured
+
+    def _generate(self, run: RunState, device: torch.device, number: int) -> torch.Tensor:
+        """The images of batch ``number``: the model's samples from that batch's noise, or its
+        reconstructions of that batch of reference images."""
         model = run.model
-        for number, start in enumerate(range(0, self.num_samples, self.batch_size)):
-            if number % world.world_size != world.rank:
-                continue
-            count = min(self.batch_size, self.num_samples - start)
-            if self.source == "reconstructions":
-                batch = {"data": self._images[start : start + count].to(device)}
-                outputs = run.engine.forward(model, batch)
-                images = outputs.get("recon_x") if isinstance(outputs, Mapping) else None
-                if not isinstance(images, torch.Tensor):
-                    raise ModelOutputError(
-                        "QualityMetrics(source='reconstructions'): the model's forward gives no "
-                        "'recon_x' tensor"
-                    )
-                images = images.reshape(batch["data"].shape)
-            else:
-                shape = noise_shape_of(model, self.noise_shape)
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
-                noise = torch.randn((count, *shape), generator=generator).to(device)
-                images = resolve_method(model, self.method)(noise)
-                if not isinstance(images, torch.Tensor) or images.ndim != 4:
-                    raise ModelOutputError(
-                        f"method {self.method!r} must return images (N, C, H, W), got "
-                        f"{getattr(images, 'shape', type(images).__name__)}"
-                    )
-            yield self._scaled(images.float())
+        start = number * self.batch_size
+        count = min(self.batch_size, self.num_samples - start)
+        if self.source == "reconstructions":
+            batch = {"data": self._images[start : start + count].to(device)}
+            outputs = run.engine.forward(model, batch)
+            images = outputs.get("recon_x") if isinstance(outputs, Mapping) else None
+            if not isinstance(images, torch.Tensor):
+                raise ModelOutputError(
+                    "QualityMetrics(source='reconstructions'): the model's forward gives no "
+                    "'recon_x' tensor"
+                )
+            return images.reshape(batch["data"].shape)
+        shape = noise_shape_of(model, self.noise_shape)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + number)
+        noise = torch.randn((count, *shape), generator=generator).to(device)
+        images = resolve_method(model, self.method)(noise)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ModelOutputError(
+                f"method {self.method!r} must return images (N, C, H, W), got "
+                f"{getattr(images, 'shape', type(images).__name__)}"
+            )
+        return images
 
 
 def _track_best(run: RunState, metrics: Mapping[str, float]) -> None:

@@ -12,6 +12,9 @@ to start):
 * ``first`` then ``resumed``: the same run saved after epoch 1 and resumed to epoch 2 (with the
   default resharding): it must end bitwise where ``whole`` did;
 * ``hsdp``: ``first`` on a 2-D mesh (replicated over 1 rank, sharded over 2);
+* ``quality``: ``QualityMetrics`` of samples and of reconstructions, 3 batches each (2 on rank
+  0, 1 on rank 1: rank 1 pads), with the default ``fsdp_reshard_after_forward=True`` (so each
+  model call all-gathers); the full parameters and the measured values at every EPOCH_END;
 * ``refusals``: callbacks whose model method would not gather its parameters under FSDP.
 
 Each rank works in a folder of its own (``cwd<r>``), so a file written by a rank other than 0
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,8 @@ from torch.distributed.tensor import DTensor
 
 import callbacks
 import strategies
-from callbacks import EMA, Plots, SampleGrid
+from callbacks import EMA, Plots, QualityMetrics, SampleGrid
+from callbacks.quality import RandomConvFeatures
 from engine import Engine, EngineConfig, OptimizerSpec, RunState
 from engine.distributed.session import leave_process_group
 from tests.helpers import free_port, set_rank_environment
@@ -63,7 +68,8 @@ class TinyImageAE(nn.Module):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((self.decoder(z) * self.scale).view(-1, 1, SIDE, SIDE))  # no view out
 
-    def forward(self, batch: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any, **_: Any) -> dict[str, torch.Tensor]:
+        batch = batch["data"] if isinstance(batch, Mapping) else batch  # QualityMetrics' input
         recon = self._decode(torch.tanh(self.head(self.encoder(batch))))
         return {"loss": (recon - batch).pow(2).mean(), "recon_x": recon}
 
@@ -110,6 +116,37 @@ def picture_callbacks() -> list[Any]:
             dpi=30,
         ),
         Plots(image_batch=images, num_samples=4, columns=4, figsize=(2.0, 3.0), dpi=30),
+    ]
+
+
+QUALITY_SAMPLES = 10  # batches of 4, 4 and 2: rank 0 measures two, rank 1 one and pads
+
+
+def quality_callbacks() -> list[QualityMetrics]:
+    """FID/KID of samples (``eval/...``) and of reconstructions (``recon/...``) of the first
+    ``QUALITY_SAMPLES`` reference images, as a one-process reference builds them too. KID is
+    exact over the ranks here: each reservoir holds every feature and the one KID subset holds
+    them all on both sides (a smaller subset is drawn from the features in rank order, not in
+    one process's order)."""
+    reference = torch.rand(
+        QUALITY_SAMPLES, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(3)
+    )
+    common: dict[str, Any] = {
+        "reference": reference,
+        "num_samples": QUALITY_SAMPLES,
+        "batch_size": 4,
+        "kid_reservoir": 64,
+        "kid_subsets": 1,
+        "kid_subset_size": 64,
+    }
+    return [
+        QualityMetrics(extractor=RandomConvFeatures(dim=8, size=8), **common),
+        QualityMetrics(
+            extractor=RandomConvFeatures(dim=8, size=8),
+            source="reconstructions",
+            prefix="recon",
+            **common,
+        ),
     ]
 
 
@@ -169,6 +206,41 @@ def fit(folder: Path, epochs: int, resume: Any = None, **overrides: Any) -> dict
     return {"trajectory": recorder.trajectory, **recorder.end}
 
 
+class QualityRecorder:
+    """At every EPOCH_END, after ``QualityMetrics``: the full parameters (collective) and the
+    values measured."""
+
+    priority = -10
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.epochs: list[dict[str, Any]] = []
+
+    def on_epoch_end(self, run: RunState) -> None:
+        params = {name: full(param) for name, param in self.model.named_parameters()}
+        measured = {
+            key: value
+            for key, value in run.epoch_metrics.items()
+            if key.startswith(("eval/", "recon/"))
+        }
+        self.epochs.append({"params": params, "metrics": measured})
+
+
+def fit_quality() -> list[dict[str, Any]]:
+    """An FSDP fit with ``QualityMetrics`` of samples and reconstructions; what was measured
+    at each epoch's end, with the weights it was measured on."""
+    torch.manual_seed(0)
+    model = TinyImageAE()
+    recorder = QualityRecorder(model)
+    engine = Engine(
+        strategies.Standard(OptimizerSpec("Adam", lr=0.05)),
+        config(),  # each unit all-gathers at every forward: a call missing on a rank hangs
+        [*quality_callbacks(), recorder],
+    )
+    engine.fit(model, train_data())
+    return recorder.epochs
+
+
 class Steps:
     def __init__(self) -> None:
         self.count = 0
@@ -199,8 +271,10 @@ def scenario(rank: int, folder: Path) -> dict[str, Any]:
     results["first"] = fit(folder / "resumed", 1)
     results["resumed"] = fit(folder / "resumed", EPOCHS, resume="last")
     results["hsdp"] = fit(folder / "hsdp", 1, fsdp_mesh=(1, 2))  # (Replicate, Shard) placements
+    results["quality"] = fit_quality()
     unregistered = {"fsdp_forward_methods": ()}
     results["refusals"] = {
+        "QualityMetrics sample": refusal(quality_callbacks()[0], **unregistered),
         "SampleGrid sample": refusal(SampleGrid(num_samples=2), **unregistered),
         "Plots sample": refusal(Plots(image_batch=eval_data()), **unregistered),
         "SampleGrid submodule": refusal(SampleGrid(num_samples=2, method="encoder.1")),

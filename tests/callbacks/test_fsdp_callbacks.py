@@ -1,4 +1,5 @@
-"""``EMA``, ``SampleGrid`` and ``Plots`` under FSDP2 (``parallel="fsdp"``, 2 gloo ranks).
+"""``EMA``, ``SampleGrid``, ``Plots`` and ``QualityMetrics`` under FSDP2 (``parallel="fsdp"``,
+2 gloo ranks).
 
 One spawn (``tests/callbacks/fsdp_callbacks_worker.py``) runs every fit. The guarantees: the
 sharded EMA, gathered whole, is the EMA of the run's own trajectory (its shards split across the
@@ -7,6 +8,8 @@ uninterrupted one did, EMA and pictures too (the uninterrupted run leaves its un
 after each forward without backward: were the EMA swapped into the shards under a gathered copy,
 its first step after an evaluation would train on the EMA weights and the runs would part);
 the pictures are written by rank 0 alone, and equal those one process draws with the same
+weights; FID and KID measured in the loop (3 batches on 2 ranks: one rank pads its model calls
+to stay in lockstep) are the same on both ranks and equal one process's measure of the same
 weights; a model method that would not gather its parameters is refused before the first step,
 naming it and the fix.
 """
@@ -154,10 +157,49 @@ def test_rank_0_alone_writes_the_pictures_which_equal_one_process_drawing_the_sa
         assert torch.equal(_pixels(sharded), _pixels(alone)), sharded.name
 
 
+def _measure_alone(params: dict[str, torch.Tensor]) -> dict[str, float]:
+    """What the quality callbacks measure in one process on a model with ``params``."""
+    model = worker.TinyImageAE()
+    model.load_state_dict(params)
+    engine = Engine(strategies.Standard(OptimizerSpec("Adam")), EngineConfig(device="cpu"))
+    run = RunState(
+        engine=engine,
+        model=model,
+        strategy=engine.strategy,
+        config=engine.config,
+        progress=Progress(),
+        run_dir=None,
+        steps_per_epoch=None,
+    )
+    measured: dict[str, float] = {}
+    for quality in worker.quality_callbacks():
+        measured.update(quality.measure(run))
+    return measured
+
+
+@pytest.mark.slow
+def test_quality_metrics_in_lockstep_equal_one_process_measuring_the_same_weights(
+    ranks: Results,
+) -> None:
+    results, _ = ranks
+    epochs = results[0]["quality"]
+    assert len(epochs) == worker.EPOCHS
+    names = {f"{prefix}/{name}" for prefix in ("eval", "recon") for name in ("fid", "kid")}
+    for epoch, end in enumerate(epochs):
+        assert set(end["metrics"]) == names | {"eval/kid_std", "recon/kid_std"}
+        assert results[1]["quality"][epoch]["metrics"] == end["metrics"]
+        _equal(results[1]["quality"][epoch]["params"], end["params"])
+        alone = _measure_alone(end["params"])
+        for name in names:
+            assert end["metrics"][name] == pytest.approx(alone[name], rel=1e-6, abs=1e-9), name
+    assert epochs[0]["metrics"]["eval/fid"] != epochs[1]["metrics"]["eval/fid"]  # it trained
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "named"),
     [
+        ("QualityMetrics sample", "fsdp_forward_methods=['sample']"),
         ("SampleGrid sample", "fsdp_forward_methods=['sample']"),
         ("Plots sample", "fsdp_forward_methods=['sample']"),
         ("SampleGrid submodule", "fsdp_blocks=['Linear']"),
