@@ -123,16 +123,19 @@ class JointUpdates:
     lazy_ratios: Mapping[str, float] = attrs.field(factory=dict)
     _updates: dict[str, Update] | None = attrs.field(default=None, init=False)
     _windows: int = attrs.field(default=0, init=False)
-    # Per step these are read, not rebuilt: each role's flag key and, once set up, the updates.
+    # Per step these are read, not rebuilt: the roles, each role's flag key and, once set up,
+    # the updates.
+    _roles: tuple[str, ...] = attrs.field(init=False)
     _flag_keys: dict[str, str] = attrs.field(init=False)
     _update_list: tuple[Update, ...] = attrs.field(default=(), init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._roles = tuple(self.specs)
         self._flag_keys = {role: f"update_{role}" for role in self.specs}
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return tuple(self.specs)
+        return self._roles
 
     @property
     def loss_keys(self) -> tuple[str, ...]:
@@ -322,8 +325,7 @@ def one_forward_for_all(
     joint: JointUpdates, model: torch.nn.Module, batch: Any, ctx: StepContext
 ) -> dict[str, Mapping[str, Any]]:
     """One ``model(batch)`` serves every role: its outputs, keyed by role."""
-    outputs = ctx.forward(model, batch)
-    return {role: outputs for role in joint.roles}
+    return dict.fromkeys(joint.roles, ctx.forward(model, batch))
 
 
 def read_flag(outputs: Mapping[str, Any], key: str, ctx: StepContext) -> bool:
