@@ -20,7 +20,7 @@ from engine.config.validators import instance_of, optional, positive_number
 from engine.context import StepContext
 from engine.distributed.collectives import World, all_ranks_agree
 from engine.distributed.replication import RoleReplica, finish_window, gradient_sync
-from engine.distributed.sharding import sharded_backward
+from engine.distributed.sharding import is_dtensor, sharded_backward
 from engine.errors import ConfigError
 
 
@@ -52,6 +52,7 @@ class Update:
     scheduler: Any | None
     pending: bool = False
     replica: RoleReplica | None = None  # its DDP under several processes (replication.py)
+    accumulators: list[Any] = attrs.field(factory=list, repr=False)  # see held_accumulators
 
     @property
     def role(self) -> str:
@@ -89,7 +90,30 @@ def build_update(
             if "betas" in group:
                 group["betas"] = tuple(beta**lazy_ratio for beta in group["betas"])
     scheduler = None if spec.scheduler is None else spec.scheduler.build(optimizer, role=spec.role)
-    return Update(spec, list(params), optimizer, scheduler)
+    update = Update(spec, list(params), optimizer, scheduler)
+    update.accumulators = held_accumulators(update.params)
+    return update
+
+
+def held_accumulators(params: Sequence[torch.nn.Parameter]) -> list[Any]:
+    """Each parameter's gradient accumulator (the autograd node that writes ``param.grad``),
+    held for the run.
+
+    Autograd keeps a parameter's accumulator only while something references it: when a step's
+    graph dies with the step, the next forward builds every accumulator anew (about 10k
+    instructions a step for a small MLP, counted by ``benchmarks/instructions.py``). Holding
+    them makes every step reuse them, as DDP's reducer and a hand-written loop (whose last
+    step's tensors outlive the next forward) do. Sharded parameters (FSDP2's DTensors) are not
+    the graph's leaves: none is held for them.
+    """
+    if not params or is_dtensor(params[0]):
+        return []
+    with torch.enable_grad():
+        return [
+            param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+            for param in params
+            if param.requires_grad
+        ]
 
 
 def losses_are_finite(losses: Sequence[torch.Tensor], world: World) -> bool:
