@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 from engine import Event, RunState
+from engine.distributed.session import leave_process_group
+
+Scenario = Callable[[int, Path], Any]
 
 
 class TinyRegressor(nn.Module):
@@ -130,3 +137,51 @@ def gloo_worker_threads() -> int | None:
         except OSError:
             continue  # a thread that ended meanwhile
     return names.count("pt_gloo_runloop")
+
+
+def _run_rank(
+    rank: int, scenario: Scenario, world_size: int, port: int, folder: str, own_cwd: bool
+) -> None:
+    """One spawned rank: ``scenario(rank, folder)``; its result is saved as ``rank<N>.pt``, its
+    traceback (if any) as ``rank<N>.error``; the process group is left either way."""
+    set_rank_environment(rank, world_size, port)
+    out = Path(folder)
+    if own_cwd:  # a working folder of its own: files written by mistake are seen there
+        (out / f"cwd{rank}").mkdir()
+        os.chdir(out / f"cwd{rank}")
+    try:
+        result = scenario(rank, out)
+    except BaseException:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        leave_process_group()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def spawn_ranks(
+    scenario: Scenario,
+    folder: Path,
+    world_size: int = 2,
+    deadline_s: float = 300.0,
+    own_cwd: bool = False,
+) -> list[Any]:
+    """Run the module-level function ``scenario(rank, folder)`` on ``world_size`` gloo ranks
+    (spawned, with the environment torchrun would give them); each rank's result, by rank.
+    Ranks still running after ``deadline_s`` (a hang) are killed and the call fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    context = mp.start_processes(
+        _run_rank,
+        args=(scenario, world_size, free_port(), str(folder), own_cwd),
+        nprocs=world_size,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            name = getattr(scenario, "__qualname__", scenario)
+            raise AssertionError(f"{name} still ran on the ranks after {deadline_s} s: a hang")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
@@ -27,8 +24,7 @@ from torch.nn import functional as F
 import callbacks
 import strategies
 from engine import Engine, EngineConfig, OptimizerSpec
-from engine.distributed.session import leave_process_group
-from tests.distributed_worker import free_port, set_rank_environment
+from tests.helpers import spawn_ranks
 
 FEATURES = 5
 BATCH = 3  # per rank
@@ -259,34 +255,7 @@ def scenario(rank: int, folder: Path) -> dict[str, Any]:
     return results
 
 
-def _entry(rank: int, world_size: int, port: int, folder: str) -> None:
-    set_rank_environment(rank, world_size, port)
-    out = Path(folder)
-    try:
-        result = scenario(rank, out)
-    except BaseException:
-        (out / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
-    finally:
-        leave_process_group()
-    torch.save(result, out / f"rank{rank}.pt")
-
-
 def spawn(folder: Path, world_size: int = 2, deadline_s: float = 600.0) -> list[dict[str, Any]]:
-    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank. Ranks still
-    running after ``deadline_s`` (a hang) are killed and the call fails."""
-    folder.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(
-        _entry,
-        args=(world_size, free_port(), str(folder)),
-        nprocs=world_size,
-        start_method="spawn",
-        join=False,
-    )
-    deadline = time.monotonic() + deadline_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError(f"the FSDP fits still ran after {deadline_s} s: a hang")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank (a hang fails
+    after ``deadline_s``: ``tests/helpers.py``'s ``spawn_ranks``)."""
+    return spawn_ranks(scenario, folder, world_size, deadline_s)
