@@ -13,13 +13,11 @@ import hashlib
 import os
 import random
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,7 +26,7 @@ import strategies
 from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
 from engine import DataError, Engine, EngineConfig, OptimizerSpec
 from engine.distributed.session import leave_process_group
-from tests.helpers import free_port, gloo_worker_threads, set_rank_environment
+from tests.helpers import gloo_worker_threads, spawn_ranks
 
 N_TRAIN = 48  # 6 global batches of 2 x 4
 N_EVAL = 9  # the last global eval batch leaves rank 1 nothing: no padding, no duplicate
@@ -549,39 +547,12 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 # ------------------------------------------------------------------- spawn
 
 
-def _entry(rank: int, scenario: str, world_size: int, port: int, folder: str) -> None:
-    set_rank_environment(rank, world_size, port)
-    out = Path(folder)
-    try:
-        result = SCENARIOS[scenario](rank, out)
-    except BaseException:
-        (out / f"rank{rank}.error").write_text(traceback.format_exc())
-        raise
-    finally:
-        leave_process_group()
-    torch.save(result, out / f"rank{rank}.pt")
-
-
 def spawn(
     scenario: str, folder: Path, world_size: int = 2, deadline_s: float = 900.0
 ) -> list[dict[str, Any]]:
-    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank. Ranks still
-    running after ``deadline_s`` (a hang) are killed and the call fails."""
-    folder.mkdir(parents=True, exist_ok=True)
-    context = mp.start_processes(
-        _entry,
-        args=(scenario, world_size, free_port(), str(folder)),
-        nprocs=world_size,
-        start_method="spawn",
-        join=False,
-    )
-    deadline = time.monotonic() + deadline_s
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError(f"scenario {scenario!r} still ran after {deadline_s} s: a hang")
-    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    """Run ``scenario`` on ``world_size`` gloo ranks; each rank's result, by rank (a hang fails
+    after ``deadline_s``: ``tests/helpers.py``'s ``spawn_ranks``)."""
+    return spawn_ranks(SCENARIOS[scenario], folder, world_size, deadline_s)
 
 
 if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... -m <this> NAME DIR

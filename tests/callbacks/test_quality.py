@@ -423,7 +423,7 @@ def test_bad_settings_are_refused_at_construction() -> None:
 
 def _rank_entry(rank: int, port: int, folder: str) -> None:
     from engine.distributed.session import process_group
-    from tests.distributed_worker import set_rank_environment
+    from tests.helpers import set_rank_environment
 
     set_rank_environment(rank, 2, port)
     with process_group("cpu", 60.0) as world:
@@ -435,7 +435,7 @@ def _rank_entry(rank: int, port: int, folder: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_measure_what_one_process_measures(tmp_path: Path) -> None:
-    from tests.distributed_worker import free_port
+    from tests.helpers import free_port
 
     mp.start_processes(
         _rank_entry, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn"

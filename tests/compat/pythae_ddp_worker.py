@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from tests.distributed_worker import free_port, set_rank_environment
+from tests.helpers import free_port, set_rank_environment
 
 WORLD_SIZE = 2
 

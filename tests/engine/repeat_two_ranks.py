@@ -38,19 +38,19 @@ def _hung(folder: Path) -> None:
 
 
 def _torchrun(folder: Path) -> None:
-    from tests import distributed_worker as worker
+    from tests.helpers import free_port
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-        f"--master-port={worker.free_port()}", "-m", "tests.distributed_worker", "torchrun",
+        f"--master-port={free_port()}", "-m", "tests.distributed_worker", "torchrun",
         str(folder),
     ]  # fmt: skip
     _subprocess(command)
 
 
 def _checkpoint_ranks(folder: Path) -> None:
-    from tests.distributed_worker import free_port
     from tests.engine import test_checkpoint_ranks as test
+    from tests.helpers import free_port
 
     test._fit(folder, "one-process", 3, None, seed=0, batch_size=2 * test.WORLD_SIZE)
     mp.start_processes(
@@ -59,7 +59,7 @@ def _checkpoint_ranks(folder: Path) -> None:
 
 
 def _flags(folder: Path) -> None:
-    from tests.distributed_worker import free_port
+    from tests.helpers import free_port
     from tests.strategies import test_flags_across_ranks as test
 
     mp.start_processes(

@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from engine.distributed.session import leave_process_group
-from tests.distributed_worker import free_port, set_rank_environment
 from tests.engine.checkpoint_cases import equal
+from tests.helpers import free_port, set_rank_environment
 
 WORLD_SIZE = 2
 

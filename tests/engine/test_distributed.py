@@ -35,6 +35,7 @@ from engine.distributed.session import launch_environment, process_group
 from engine.errors import DistributedError
 from tests import distributed_worker as worker
 from tests.engine import leave_worker
+from tests.helpers import free_port
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -298,9 +299,7 @@ def test_leaving_joins_gloo_threads_when_the_optimiser_is_built_after_joining(
     """In a process that imports only the engine's session before joining, the first
     optimiser imports torch._dynamo with the group alive (which once made torch hold the group
     for good); leave_process_group still joins every gloo worker thread."""
-    mp.start_processes(
-        leave_worker.entry, args=(worker.free_port(), str(tmp_path)), nprocs=2, join=True
-    )
+    mp.start_processes(leave_worker.entry, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result["imported_before"] is False, "the scenario no longer tests a late import"
@@ -357,7 +356,7 @@ def test_torchrun_launch_joins_the_group_and_a_second_fit_works(tmp_path: Path) 
         "-m",
         "torch.distributed.run",
         "--nproc-per-node=2",
-        f"--master-port={worker.free_port()}",
+        f"--master-port={free_port()}",
         "-m",
         "tests.distributed_worker",
         "torchrun",

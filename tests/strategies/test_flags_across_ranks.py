@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from engine.config.specs import OptimizerSpec
 from engine.distributed.session import join_process_group, leave_process_group
 from strategies import CoupledAdversarial
-from tests.distributed_worker import free_port, set_rank_environment
+from tests.helpers import free_port, set_rank_environment
 from tests.strategies.toy import CoupledToy, make_ctx
 
 STEPS = 5

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from engine.config.specs import OptimizerSpec
 from engine.distributed.session import join_process_group, leave_process_group
 from strategies import Adversarial, r1
-from tests.distributed_worker import free_port, set_rank_environment
+from tests.helpers import free_port, set_rank_environment
 from tests.strategies.gan_toy import TinyGAN, gan_batches
 from tests.strategies.toy import make_ctx
 
