@@ -160,9 +160,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "engine/data/batches.py",
-                "            for lo, hi in self.bounds[start:]:\n"
-                "                index = order[lo:hi]",
-                "            for lo, hi in self.bounds:\n                index = order[lo:hi]",
+                "        return _gathered(self.template, self.leaves, order, bounds)",
+                "        return _gathered(self.template, self.leaves, order, self.bounds)",
             )
         ],
         "tests/engine/test_data.py::test_both_in_memory_paths_give_the_same_batches_and_restart_where_asked",
@@ -518,8 +517,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "engine/loop.py",
-                "ctx = self._standalone_context(model, World())",
-                "ctx = self._standalone_context(model, current_world())",
+                "ctx = standalone_context(self.config, model, World(), self.forward)",
+                "ctx = standalone_context(self.config, model, current_world(), self.forward)",
             )
         ],
         f"{DIST}::test_predict_covers_all_the_data_on_every_rank",
@@ -573,6 +572,55 @@ MUTATIONS: tuple[Mutation, ...] = (
             )
         ],
         "tests/engine/test_cli.py::test_malformed_configs_fail_with_our_error_before_training",
+    ),
+    # ---------------------------------------------------------------- hot path (issue 16)
+    _m(
+        "accumulators-not-held",
+        "a step reuses the gradient accumulators its updates hold",
+        [
+            (
+                "strategies/update.py",
+                "    update.accumulators = held_accumulators(update.params)\n",
+                "    held_accumulators(update.params)\n",
+            )
+        ],
+        "tests/strategies/test_accumulators.py",
+    ),
+    _m(
+        "flush-reads-columns-wrong",
+        "a flush of steps with the same keys gives each key the mean of its own values",
+        [
+            (
+                "engine/metrics.py",
+                "columns = stacked.float().view(len(entries), len(keys)).t()",
+                "columns = stacked.float().view(len(keys), len(entries))",
+            )
+        ],
+        "tests/engine/test_hot_path.py",
+    ),
+    _m(
+        "seed-misses-torch",
+        "seed_everything draws as torch.manual_seed does",
+        [
+            (
+                "engine/seeding.py",
+                "    torch.default_generator.manual_seed(seed)\n",
+                "    torch.default_generator.manual_seed(seed + 1)\n",
+            )
+        ],
+        "tests/engine/test_seeding.py",
+    ),
+    _m(
+        "phase-record-frozen",
+        "compile='step' traces a sequential phase's forward and backward as one graph",
+        [
+            (
+                "strategies/phase_runner.py",
+                "@attrs.define(eq=False)  # not frozen: torch.compile cannot trace a frozen attrs",
+                "@attrs.frozen  # not frozen: torch.compile cannot trace a frozen attrs",
+            )
+        ],
+        "tests/engine/test_compile_step.py::test_forward_and_backwards_are_one_graph",
     ),
 )
 
