@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import coldstart, dataset_size, instructions, memory, overhead, suite
+from benchmarks import coldstart, dataset_size, denormals, instructions, memory, overhead, suite
 from benchmarks.harness import Runner, interleave, markdown_table
 from benchmarks.peers import available
 from benchmarks.workloads import WORKLOADS
@@ -122,3 +122,11 @@ def test_instruction_count_refuses_steps_out_of_order(capsys: pytest.CaptureFixt
         instructions.main(["--steps", "120", "20"])
     assert exit_info.value.code == 2
     assert "error: --steps needs 0 < SHORT < LONG, got 120 20" in capsys.readouterr().err
+
+
+def test_denormals_benchmark_reports_every_epoch_of_both_settings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert denormals.main(["--tiny"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"^\| \d", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["0", "1"]
