@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from engine.seeding import seed_everything
 
 
-def _draws() -> tuple[list[float], list[float], list[float]]:
-    return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()  # type: ignore[return-value]
+def _draws() -> tuple[float, list[float], list[float]]:
+    return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
 
 
 @settings(max_examples=30, derandomize=True, deadline=None)
