@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,8 +31,11 @@ class DropoutRegressor(nn.Module):
         return {"loss": (self.dropout(self.linear(x)) - x.flip(-1)).pow(2).mean()}
 
 
-def make_case(kind: str, seed: int, n_critic: int = 1) -> tuple[nn.Module, Any]:
-    """A fresh model (initialised from ``seed``) and strategy of ``kind``."""
+def make_case(
+    kind: str, seed: int, n_critic: int = 1, toy: Callable[[], nn.Module] | None = None
+) -> tuple[nn.Module, Any]:
+    """A fresh model (initialised from ``seed``) and strategy of ``kind``; the multi-role
+    kinds train ``toy()`` (default: ``CoupledToy``), a model with their roles' losses."""
     torch.manual_seed(seed)
     if kind == "standard":
         return DropoutRegressor(), Standard(OptimizerSpec("Adam", lr=1e-2))
@@ -43,7 +46,8 @@ def make_case(kind: str, seed: int, n_critic: int = 1) -> tuple[nn.Module, Any]:
         for role in ("generator", "discriminator", "encoder", "decoder")
     }
     options = {"n_critic": n_critic} if kind in ("adversarial", "two_phase", "sequential") else {}
-    case = build(kind, CoupledToy(features=FEATURES), specs, **options)
+    model = toy() if toy is not None else CoupledToy(features=FEATURES)
+    case = build(kind, model, specs, **options)  # type: ignore[arg-type]
     return case.model, case.strategy
 
 

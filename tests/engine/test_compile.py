@@ -4,7 +4,6 @@ and a short last batch (a recompilation for a new shape, whose backward is compi
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import pytest
@@ -41,18 +40,6 @@ def _train(kind: str, compile: bool) -> dict[str, torch.Tensor]:
     )
     Engine(strategy, config).fit(model, data(37))  # 4 batches of 8, then one of 5
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def inductor() -> None:
-    """torch.compile's CPU backend builds C++ with the machine's toolchain: where it cannot
-    compile even a one-line function, these tests are skipped with the toolchain's error."""
-    if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
-        pytest.skip("torch.compile on CPU needs a C++ compiler (g++, c++ or clang++) on PATH")
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
-    except Exception as error:  # the toolchain, not our code: nothing of ours ran
-        pytest.skip(f"torch.compile does not work on this machine: {error}")
 
 
 @pytest.mark.slow

@@ -9,21 +9,16 @@ Equality is to 1e-4 with inductor's random numbers drawn as eager draws them
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import clear_compilation_metrics, counters
-from torch._inductor import config as inductor_config
 
-from engine import Engine, EngineConfig, OptimizerSpec
+from engine import Engine, EngineConfig
 from engine.hardware.compiling import recompile_count
-from strategies import Standard
-from tests.engine.checkpoint_cases import FEATURES, KINDS, DropoutRegressor, data
-from tests.strategies.builders import build
+from tests.engine.checkpoint_cases import FEATURES, KINDS, data, make_case
 
 # Strategies whose step reads nothing on the host between the forward and the backwards.
 ONE_GRAPH = ("standard", "coupled", "adversarial", "sequential")
@@ -35,29 +30,6 @@ ALTERNATING = ("adversarial", "two_phase", "sequential")
 # compiler-disabled optimiser steps, one program per phase, window place and batch shape (7 in
 # this fit); below dynamo's limit of 8, so it stays compiled.
 ALLOWED = {"sequential": 7, **{kind: 4 for kind in ALTERNATING if kind != "sequential"}}
-
-
-@pytest.fixture(scope="module")
-def inductor() -> None:
-    """torch.compile's CPU backend builds C++ with the machine's toolchain: where it cannot
-    compile even a one-line function, these tests are skipped with the toolchain's error."""
-    if not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
-        pytest.skip("torch.compile on CPU needs a C++ compiler (g++, c++ or clang++) on PATH")
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
-    except Exception as error:  # the toolchain, not our code: nothing of ours ran
-        pytest.skip(f"torch.compile does not work on this machine: {error}")
-
-
-@pytest.fixture
-def fresh_dynamo() -> Iterator[None]:
-    """No compiled code, counters or metrics from earlier tests; eager's random numbers."""
-    torch._dynamo.reset()
-    counters.clear()
-    clear_compilation_metrics()
-    with inductor_config.patch(fallback_random=True):
-        yield
-    torch._dynamo.reset()
 
 
 class StepToy(nn.Module):
@@ -95,20 +67,9 @@ class StepToy(nn.Module):
 
 
 def step_case(kind: str) -> tuple[nn.Module, Any]:
-    """A model and strategy of ``kind`` (``tests/engine/checkpoint_cases.py``'s optimisers)."""
-    torch.manual_seed(0)
-    if kind == "standard":
-        return DropoutRegressor(), Standard(OptimizerSpec("Adam", lr=1e-2))
-    specs = {
-        role: OptimizerSpec("Adam", lr=1e-2)
-        if role != "discriminator"
-        else OptimizerSpec("SGD", lr=1e-2, momentum=0.9)
-        for role in ("generator", "discriminator", "encoder", "decoder")
-    }
-    options = {"n_critic": 2} if kind in ("adversarial", *ALTERNATING) else {}
-    model = StepToy()
-    case = build(kind, model, specs, **options)  # type: ignore[arg-type]
-    return model, case.strategy
+    """A ``StepToy`` (or the dropout regressor) and a strategy of ``kind``, with
+    ``tests/engine/checkpoint_cases.py``'s optimisers and n_critic 2 where it applies."""
+    return make_case(kind, seed=0, n_critic=2, toy=StepToy)
 
 
 def _train(kind: str, compile: Any, samples: int = 37) -> dict[str, torch.Tensor]:

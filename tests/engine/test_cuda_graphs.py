@@ -9,13 +9,11 @@ reason. On a GPU machine: ``python -m pytest -q tests/engine/test_cuda_graphs.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from torch._dynamo.utils import clear_compilation_metrics, counters
-from torch._inductor import config as inductor_config
+from torch._dynamo.utils import counters
 
 from engine import Engine, EngineConfig
 from engine.hardware.compiling import cuda_graphs_apply, recompile_count
@@ -31,16 +29,6 @@ def test_graphs_are_captured_on_cuda_without_accumulation_only() -> None:
     assert cuda_graphs_apply(torch.device("cuda", 0), accumulate_steps=1)
     assert not cuda_graphs_apply(torch.device("cuda", 0), accumulate_steps=2)
     assert not cuda_graphs_apply(torch.device("cpu"), accumulate_steps=1)
-
-
-@pytest.fixture
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    counters.clear()
-    clear_compilation_metrics()
-    with inductor_config.patch(fallback_random=True):
-        yield
-    torch._dynamo.reset()
 
 
 def _train(kind: str, compile: Any, accumulate: int = 1) -> tuple[dict[str, Any], list[float]]:
