@@ -15,8 +15,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine import Event, RunState
+from engine import Engine, Event, RunState
 from engine.distributed.session import leave_process_group
+from engine.state import Progress
 
 Scenario = Callable[[int, Path], Any]
 
@@ -102,6 +103,22 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def run_state_of(
+    engine: Engine, model: nn.Module, run_dir: Path | None = None, progress: Progress | None = None
+) -> RunState:
+    """The ``RunState`` ``engine``'s callbacks would see for ``model``, outside a fit: for
+    calling a callback's hooks or measures by hand."""
+    return RunState(
+        engine=engine,
+        model=model,
+        strategy=engine.strategy,
+        config=engine.config,
+        progress=progress if progress is not None else Progress(),
+        run_dir=run_dir,
+        steps_per_epoch=None,
+    )
 
 
 # ------------------------------------------------------------------ several processes

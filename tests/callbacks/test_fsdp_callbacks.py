@@ -24,9 +24,10 @@ import torch
 from matplotlib.image import imread
 
 import strategies
-from engine import Engine, EngineConfig, OptimizerSpec, RunState
+from engine import Engine, EngineConfig, OptimizerSpec
 from engine.state import Progress
 from tests.callbacks import fsdp_callbacks_worker as worker
+from tests.helpers import run_state_of
 
 Results = tuple[list[dict[str, Any]], Path]
 SAMPLES = ["samples_epoch_001.png", "samples_epoch_002.png", "samples_strip.png"]
@@ -122,15 +123,7 @@ def _draw_alone(folder: Path, end: dict[str, Any]) -> None:
         EngineConfig(device="cpu", output_dir=folder),
         [ema, grid, plots],
     )
-    run = RunState(
-        engine=engine,
-        model=model,
-        strategy=engine.strategy,
-        config=engine.config,
-        progress=Progress(epoch=worker.EPOCHS),
-        run_dir=folder,
-        steps_per_epoch=None,
-    )
+    run = run_state_of(engine, model, folder, Progress(epoch=worker.EPOCHS))
     ema.attach(model)
     ema.load_state_dict(end["ema_state"])
     for callback in (grid, plots):
@@ -162,15 +155,7 @@ def _measure_alone(params: dict[str, torch.Tensor]) -> dict[str, float]:
     model = worker.TinyImageAE()
     model.load_state_dict(params)
     engine = Engine(strategies.Standard(OptimizerSpec("Adam")), EngineConfig(device="cpu"))
-    run = RunState(
-        engine=engine,
-        model=model,
-        strategy=engine.strategy,
-        config=engine.config,
-        progress=Progress(),
-        run_dir=None,
-        steps_per_epoch=None,
-    )
+    run = run_state_of(engine, model)
     measured: dict[str, float] = {}
     for quality in worker.quality_callbacks():
         measured.update(quality.measure(run))

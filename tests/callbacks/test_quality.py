@@ -28,8 +28,9 @@ from callbacks.quality import (
     fid_from_statistics,
     kernel_inception_distance,
 )
-from engine import ConfigError, Engine, EngineConfig, OptimizerSpec, Progress, RunState, World
+from engine import ConfigError, Engine, EngineConfig, OptimizerSpec, RunState, World
 from strategies import Standard
+from tests.helpers import run_state_of
 
 # ----------------------------------------------------------------------------- references
 
@@ -238,15 +239,7 @@ class Generator(nn.Module):
 
 def run_state(model: nn.Module, world: World | None = None) -> RunState:
     engine = Engine(Standard(OptimizerSpec("SGD", lr=0.1)), EngineConfig(output_dir=None))
-    run = RunState(
-        engine=engine,
-        model=model,
-        strategy=engine.strategy,
-        config=engine.config,
-        progress=Progress(),
-        run_dir=None,
-        steps_per_epoch=None,
-    )
+    run = run_state_of(engine, model)
     if world is not None:
         from engine.context import StepContext
 
