@@ -72,10 +72,7 @@ class StepContext:
     def forward(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Mapping[str, Any]:
         """Run the model under the run's autocast; its output must be a mapping."""
         if self.autocast is contextlib.nullcontext:  # fp32: no context to enter, per step
-            if self.forward_fn is call_model:  # the default: no frame of its own, per step
-                outputs = model(batch, **kwargs)
-            else:
-                outputs = self.forward_fn(model, batch, **kwargs)
+            outputs = self.forward_fn(model, batch, **kwargs)
         else:
             with self.autocast():
                 outputs = self.forward_fn(model, batch, **kwargs)

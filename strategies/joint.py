@@ -196,10 +196,13 @@ class JointUpdates:
         flags = {
             role: read_flag(outputs[role], keys[role], ctx) for role in keys if role in outputs
         }
-        return self._agreed(flags, ctx) if ctx.world.is_distributed else flags
+        return self._agreed(flags, ctx)
 
     def _agreed(self, flags: dict[str, bool], ctx: StepContext) -> dict[str, bool]:
-        """``flags`` as every rank agrees (each true only where it is true on all ranks)."""
+        """``flags`` as every rank agrees (each true only where it is true on all ranks); one
+        process has nothing to agree with."""
+        if not ctx.world.is_distributed:
+            return flags
         return dict(zip(flags, all_ranks_agree(list(flags.values()), ctx.world)))
 
     def read(
@@ -214,8 +217,7 @@ class JointUpdates:
             if served is not None:
                 losses[role] = ctx.read_loss(served, spec.loss_key)
                 flags[role] = read_flag(served, keys[role], ctx)
-        if ctx.world.is_distributed:
-            flags = self._agreed(flags, ctx)
+        flags = self._agreed(flags, ctx)
         return {
             role: RoleStep(outputs[role], loss, flags[role], self.scheduled(role))
             for role, loss in losses.items()
