@@ -9,15 +9,18 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from engine import Engine, Event, RunState
+from engine import Event, RunState
 from engine.distributed.session import leave_process_group
 from engine.state import Progress
+
+if TYPE_CHECKING:  # a worker that imports this module must not import the whole engine
+    from engine import Engine
 
 Scenario = Callable[[int, Path], Any]
 
