@@ -42,6 +42,9 @@ class StepContext:
     backwards go through ``sharding.sharded_backward`` and its checkpoints are sharded.
     ``releases``: what the run lets go of when it ends (``release``): each role's DDP holds
     the process group, which can not be left while something holds it.
+    ``compiled_step``: ``train_step`` runs under ``torch.compile`` (``compile="step"``); the
+    step's helpers that dynamo must not trace as written (``strategies/update.py``) ask torch
+    whether it is tracing only then, not in every eager step.
     """
 
     device: torch.device
@@ -57,6 +60,7 @@ class StepContext:
     micro_count: int = 1
     eval_with_grad: bool = False
     sharding: Sharding | None = None
+    compiled_step: bool = False
     releases: list[Callable[[], Any]] = attrs.field(factory=list)
 
     @property
@@ -71,11 +75,13 @@ class StepContext:
 
     def forward(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> Mapping[str, Any]:
         """Run the model under the run's autocast; its output must be a mapping."""
-        if self.autocast is contextlib.nullcontext:  # fp32: no context to enter, per step
-            outputs = self.forward_fn(model, batch, **kwargs)
-        else:
+        if self.autocast is not contextlib.nullcontext:
             with self.autocast():
                 outputs = self.forward_fn(model, batch, **kwargs)
+        elif self.forward_fn is call_model:  # fp32, the default forward: no layer between
+            outputs = model(batch, **kwargs)
+        else:
+            outputs = self.forward_fn(model, batch, **kwargs)
         if type(outputs) is not dict and not isinstance(outputs, Mapping):
             raise ModelOutputError(
                 f"the model must return a mapping of named outputs (e.g. {{'loss': ...}}), "

@@ -186,6 +186,7 @@ def make_context(
         world=world,
         forward_fn=forward,
         eval_with_grad=config.eval_with_grad,
+        compiled_step=config.compile == "step",
     )
 
 

@@ -123,15 +123,19 @@ class JointUpdates:
     lazy_ratios: Mapping[str, float] = attrs.field(factory=dict)
     _updates: dict[str, Update] | None = attrs.field(default=None, init=False)
     _windows: int = attrs.field(default=0, init=False)
-    # Per step these are read, not rebuilt: the roles, each role's flag key and, once set up,
-    # the updates.
+    # Per step these are read, not rebuilt: the roles, each role's flag key and loss key, the
+    # intervals of the roles that do not update every window and, once set up, the updates.
     _roles: tuple[str, ...] = attrs.field(init=False)
     _flag_keys: dict[str, str] = attrs.field(init=False)
+    _loss_keys: dict[str, str] = attrs.field(init=False)
+    _intervals: dict[str, int] = attrs.field(init=False)
     _update_list: tuple[Update, ...] = attrs.field(default=(), init=False)
 
     def __attrs_post_init__(self) -> None:
         self._roles = tuple(self.specs)
         self._flag_keys = {role: f"update_{role}" for role in self.specs}
+        self._loss_keys = {role: spec.loss_key for role, spec in self.specs.items()}
+        self._intervals = {role: every for role, every in self.every.items() if every != 1}
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -211,15 +215,19 @@ class JointUpdates:
         """One ``RoleStep`` per role whose forward ran, with its schedule in this window."""
         losses: dict[str, torch.Tensor] = {}
         flags: dict[str, bool] = {}
-        keys = self._flag_keys
-        for role, spec in self.specs.items():  # one pass, in the roles' order
+        flag_keys, intervals = self._flag_keys, self._intervals
+        for role, key in self._loss_keys.items():  # one pass, in the roles' order
             served = outputs.get(role)
             if served is not None:
-                losses[role] = ctx.read_loss(served, spec.loss_key)
-                flags[role] = read_flag(served, keys[role], ctx)
-        flags = self._agreed(flags, ctx)
+                losses[role] = ctx.read_loss(served, key)
+                flag = served.get(flag_keys[role], True)  # absent: true, with nothing to read
+                flags[role] = True if flag is True else read_flag(served, flag_keys[role], ctx)
+        if ctx.world.is_distributed:
+            flags = self._agreed(flags, ctx)
         return {
-            role: RoleStep(outputs[role], loss, flags[role], self.scheduled(role))
+            role: RoleStep(
+                outputs[role], loss, flags[role], role not in intervals or self.scheduled(role)
+            )
             for role, loss in losses.items()
         }
 
@@ -230,40 +238,37 @@ class JointUpdates:
         Returns false when ``nonfinite="skip"`` dropped this batch (on every rank, when a loss
         is non-finite on any).
         """
-        trained = self._train(steps, ctx)
+        updates = self._update_list
+        if not updates:
+            raise StrategyError("the strategy is not set up: Engine.fit calls setup()")
+        trained = ctx.nonfinite != "skip" or losses_are_finite(
+            [step.loss for step in steps.values()], ctx.world
+        )
+        if trained:
+            pairs = []
+            for update in updates:
+                step = steps.get(update.spec.role)
+                if step is None or not step.active:
+                    continue
+                if not step.loss.requires_grad:
+                    raise ModelOutputError(
+                        f"loss {update.spec.loss_key!r} of the {update.spec.role} update does "
+                        f"not depend on any trainable parameter (it has no grad_fn) at step "
+                        f"{ctx.progress.step}"
+                    )
+                pairs.append((update, step.loss))
+            if pairs:
+                backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
+            apply_updates(updates, ctx)
+        else:
+            skip_step(updates, ctx)
         if ctx.is_update_step:
-            self.advance()
+            self._windows += 1  # the window that just ended
         return trained
 
     def advance(self) -> None:
         """Count the window that just ended."""
         self._windows += 1
-
-    def _train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
-        updates = self._update_list
-        if not updates:
-            raise StrategyError("the strategy is not set up: Engine.fit calls setup()")
-        if ctx.nonfinite == "skip" and not losses_are_finite(
-            [step.loss for step in steps.values()], ctx.world
-        ):
-            skip_step(updates, ctx)
-            return False
-        pairs = []
-        for update in updates:
-            step = steps.get(update.spec.role)
-            if step is None or not step.active:
-                continue
-            if not step.loss.requires_grad:
-                raise ModelOutputError(
-                    f"loss {update.spec.loss_key!r} of the {update.spec.role} update does not "
-                    f"depend on any trainable parameter (it has no grad_fn) at step "
-                    f"{ctx.progress.step}"
-                )
-            pairs.append((update, step.loss))
-        if pairs:
-            backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
-        apply_updates(updates, ctx)
-        return True
 
     def step_metrics(
         self,
@@ -271,11 +276,12 @@ class JointUpdates:
         outputs: Mapping[str, Mapping[str, Any]],
         ctx: StepContext,
     ) -> dict[str, torch.Tensor]:
-        """Each loss (once per key) and each extra metric, detached, still on the device."""
+        """Each loss (once per key, in the roles' order; ``losses`` is keyed by role) and each
+        extra metric, detached, still on the device."""
         metrics: dict[str, torch.Tensor] = {}
-        for role, spec in self.specs.items():
-            if role in losses:
-                metrics[spec.loss_key] = losses[role].detach()
+        loss_keys = self._loss_keys
+        for role, loss in losses.items():
+            metrics[loss_keys[role]] = loss.detach()
         if self.metrics:
             sources = [outputs[role] for role in self.roles if role in outputs]
             for key in self.metrics:
@@ -309,7 +315,8 @@ def train_step_of(
     one graph (``engine/hardware/compiling.py``).
     """
     steps = joint.read(outputs, ctx)
-    metrics = joint.step_metrics({role: step.loss for role, step in steps.items()}, outputs, ctx)
+    losses = {role: step.loss for role, step in steps.items()}
+    metrics = joint.step_metrics(losses, outputs, ctx)
     if not joint.train(steps, ctx):
         return {}
     return metrics
@@ -326,7 +333,7 @@ def one_forward_for_all(
     joint: JointUpdates, model: torch.nn.Module, batch: Any, ctx: StepContext
 ) -> dict[str, Mapping[str, Any]]:
     """One ``model(batch)`` serves every role: its outputs, keyed by role."""
-    return dict.fromkeys(joint.roles, ctx.forward(model, batch))
+    return dict.fromkeys(joint.specs, ctx.forward(model, batch))
 
 
 def read_flag(outputs: Mapping[str, Any], key: str, ctx: StepContext) -> bool:

@@ -78,7 +78,9 @@ class Standard:
                 f"loss {self.loss_key!r} does not depend on any trainable parameter (it has no "
                 f"grad_fn) at step {ctx.progress.step}"
             )
-        metrics = self._metrics(outputs, loss, ctx)  # before the backward: see joint.py
+        metrics = {self.loss_key: loss.detach()}  # before the backward: see joint.py
+        if self.metrics:
+            metrics.update(self._extra_metrics(outputs, ctx))
         backward_isolated([(update, loss)], ctx, every_group=True)
         apply_updates([update], ctx)
         return metrics
@@ -87,7 +89,9 @@ class Standard:
         self, model: torch.nn.Module, batch: Any, ctx: StepContext
     ) -> Mapping[str, torch.Tensor]:
         outputs = ctx.forward(model, batch)
-        return self._metrics(outputs, ctx.read_loss(outputs, self.loss_key), ctx)
+        metrics = {self.loss_key: ctx.read_loss(outputs, self.loss_key).detach()}
+        metrics.update(self._extra_metrics(outputs, ctx))
+        return metrics
 
     def predict_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext
@@ -95,13 +99,11 @@ class Standard:
         """The model's outputs for one batch (``Engine.predict`` keeps the per-sample ones)."""
         return ctx.forward(model, batch)
 
-    def _metrics(
-        self, outputs: Mapping[str, Any], loss: torch.Tensor, ctx: StepContext
+    def _extra_metrics(
+        self, outputs: Mapping[str, Any], ctx: StepContext
     ) -> dict[str, torch.Tensor]:
-        metrics = {self.loss_key: loss.detach()}
-        for key in self.metrics:
-            metrics[key] = ctx.read_loss(outputs, key).detach()
-        return metrics
+        """The further outputs ``metrics`` names, detached."""
+        return {key: ctx.read_loss(outputs, key).detach() for key in self.metrics}
 
     def end_epoch(self, metrics: Mapping[str, float], ctx: StepContext) -> None:
         end_epoch_schedulers(self.updates, metrics)

@@ -52,7 +52,7 @@ class Update:
     scheduler: Any | None
     pending: bool = False
     replica: RoleReplica | None = None  # its DDP under several processes (replication.py)
-    accumulators: list[Any] = attrs.field(factory=list, repr=False)  # see held_accumulators
+    accumulators: list[torch.Tensor] = attrs.field(factory=list, repr=False)  # held_accumulators
 
     @property
     def role(self) -> str:
@@ -95,25 +95,24 @@ def build_update(
     return update
 
 
-def held_accumulators(params: Sequence[torch.nn.Parameter]) -> list[Any]:
+def held_accumulators(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Each parameter's gradient accumulator (the autograd node that writes ``param.grad``),
-    held for the run.
+    held for the run through a one-node graph per parameter (``param.sum()``, computed once).
 
     Autograd keeps a parameter's accumulator only while something references it: when a step's
     graph dies with the step, the next forward builds every accumulator anew (about 10k
     instructions a step for a small MLP, counted by ``benchmarks/instructions.py``). Holding
     them makes every step reuse them, as DDP's reducer and a hand-written loop (whose last
-    step's tensors outlive the next forward) do. Sharded parameters (FSDP2's DTensors) are not
-    the graph's leaves: none is held for them.
+    step's tensors outlive the next forward) do. They are held through autograd's own
+    reference (the sum's edge), not through the Python object of the node
+    (``grad_fn.next_functions``): a node with a Python object takes the GIL each time a step
+    uses and releases it, about 1k instructions per parameter a step. Sharded parameters
+    (FSDP2's DTensors) are not the graph's leaves: none is held for them.
     """
     if not params or is_dtensor(params[0]):
         return []
     with torch.enable_grad():
-        return [
-            param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
-            for param in params
-            if param.requires_grad
-        ]
+        return [param.sum() for param in params if param.requires_grad]
 
 
 def losses_are_finite(losses: Sequence[torch.Tensor], world: World) -> bool:
@@ -196,20 +195,19 @@ def _backward(
     params = sharers[0].params if len(sharers) == 1 else [p for u in sharers for p in u.params]
     if ctx.sharding is not None:  # FSDP2: into the gathered parameters, not the shards
         sharded_backward(ctx.sharding, loss, params, retain)
+    elif ctx.compiled_step and torch.compiler.is_compiling():
+        _traced_backward_into(loss, params, retain_graph=retain)
     else:
-        _backward_into(loss, params, retain_graph=retain)
+        loss.backward(inputs=params, retain_graph=retain)
 
 
-def _backward_into(
+def _traced_backward_into(
     loss: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool
 ) -> None:
-    """``loss.backward(inputs=params)``. Traced by ``compile="step"``, it is spelled out as
-    ``autograd.grad(allow_unused=True)`` and an accumulation: torch 2.13's dynamo traces
+    """``loss.backward(inputs=params)`` as ``compile="step"`` traces it: spelled out as
+    ``autograd.grad(allow_unused=True)`` and an accumulation, because torch 2.13's dynamo traces
     ``backward(inputs=...)`` as ``autograd.grad`` without ``allow_unused`` and so refuses a
     parameter of the group that the loss does not reach, whose gradient backward leaves alone."""
-    if not torch.compiler.is_compiling():
-        loss.backward(inputs=params, retain_graph=retain_graph)
-        return
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     for param, grad in zip(params, grads):
         if grad is None:
@@ -227,7 +225,7 @@ def apply_updates(updates: Sequence[Update], ctx: StepContext) -> None:
     Under ``compile="step"`` this runs eagerly between the compiled graphs (fused optimiser
     kernels; a compiled optimiser step would be recompiled for every fit's new optimisers:
     ``engine/hardware/compiling.py``)."""
-    if torch.compiler.is_compiling():
+    if ctx.compiled_step and torch.compiler.is_compiling():
         return _apply_updates_eagerly(updates, ctx)
     if not ctx.is_update_step:
         return
@@ -245,13 +243,14 @@ def step_update(update: Update, ctx: StepContext) -> bool:
     scheduler. Returns whether it stepped; the caller updates the GradScaler after its steps.
     Runs eagerly under ``compile="step"``, as ``apply_updates``.
     """
-    if torch.compiler.is_compiling():
+    if ctx.compiled_step and torch.compiler.is_compiling():
         return _step_update_eagerly(update, ctx)
     if not update.pending:
         return False
     update.pending = False
     scaler = ctx.scaler
-    finish_window(update, ctx)
+    if ctx.world.is_distributed:
+        finish_window(update, ctx)
     clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
     if scaler is not None:
         if all(param.grad is None for param in update.params):

@@ -66,8 +66,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/update.py",
-                "        loss.backward(inputs=params, retain_graph=retain_graph)\n",
-                "        loss.backward(retain_graph=retain_graph)\n",
+                "        loss.backward(inputs=params, retain_graph=retain)\n",
+                "        loss.backward(retain_graph=retain)\n",
             )
         ],
         ISOLATION,
@@ -379,9 +379,11 @@ MUTATIONS: tuple[Mutation, ...] = (
             (
                 "strategies/standard.py",
                 "        outputs = ctx.forward(model, batch)\n"
-                "        return self._metrics(outputs, ctx.read_loss(outputs, self.loss_key), ctx)",
+                "        metrics = {self.loss_key: ctx.read_loss(outputs, self.loss_key).detach()}\n",
                 "        with torch.enable_grad():\n"
-                "            return self.train_step(model, batch, ctx)",
+                "            return self.train_step(model, batch, ctx)\n"
+                "        outputs = ctx.forward(model, batch)\n"
+                "        metrics = {self.loss_key: ctx.read_loss(outputs, self.loss_key).detach()}\n",
             )
         ],
         LOOP,

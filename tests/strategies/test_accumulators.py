@@ -33,7 +33,12 @@ def test_a_steps_graph_uses_the_held_accumulators(kind: str) -> None:
     config = EngineConfig(epochs=1, batch_size=4, shuffle=False, output_dir=None)
     Engine(strategy, config).fit(model, data(8))
     updates = strategy.updates if kind == "standard" else strategy.joint.updates
-    held = {id(node) for update in updates for node in update.accumulators}
+    # the node each handle's one edge reaches (kept alive in ``nodes``, so their ids stay theirs)
+    nodes = [
+        handle.grad_fn.next_functions[0][0] for update in updates for handle in update.accumulators
+    ]
+    assert all(type(node).__name__ == "AccumulateGrad" for node in nodes)
+    held = {id(node) for node in nodes}
     assert len(held) == sum(p.requires_grad for p in model.parameters())
     outputs = (
         model(data(4))
