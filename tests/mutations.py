@@ -85,6 +85,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/strategies/test_off_updates.py",
         ISOLATION,
     ),
+    _m(
+        "present-flag-taken-as-absent",
+        "an update that is off changes nothing (a flag the forward returns is read)",
+        [
+            (
+                "strategies/joint.py",
+                "flags[role] = True if flag is True else read_flag(served, flag_keys[role], ctx)",
+                "flags[role] = True",
+            ),
+        ],
+        "tests/strategies/test_off_updates.py",
+    ),
     # ---------------------------------------------------------------- accumulation
     _m(
         "no-accumulation-divisor",
@@ -378,12 +390,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/standard.py",
-                "        outputs = ctx.forward(model, batch)\n"
-                "        metrics = {self.loss_key: ctx.read_loss(outputs, self.loss_key).detach()}\n",
+                "        outputs = ctx.forward(model, batch)\n        metrics = {",
                 "        with torch.enable_grad():\n"
                 "            return self.train_step(model, batch, ctx)\n"
-                "        outputs = ctx.forward(model, batch)\n"
-                "        metrics = {self.loss_key: ctx.read_loss(outputs, self.loss_key).detach()}\n",
+                "        outputs = ctx.forward(model, batch)\n        metrics = {",
             )
         ],
         LOOP,
@@ -576,6 +586,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/engine/test_cli.py::test_malformed_configs_fail_with_our_error_before_training",
     ),
     # ---------------------------------------------------------------- hot path (issue 16)
+    _m(
+        "compiled-step-not-told",
+        "compile='step' equals eager (its optimiser steps run between graphs)",
+        [
+            (
+                "engine/run_setup.py",
+                '        compiled_step=config.compile == "step",\n',
+                "        compiled_step=False,\n",
+            ),
+        ],
+        "tests/engine/test_compile_step.py",
+    ),
     _m(
         "accumulators-not-held",
         "a step reuses the gradient accumulators its updates hold",
