@@ -83,7 +83,9 @@ def counted(workload: str, trainer: str, steps: int) -> int:
             sys.executable, str(Path(__file__).resolve()), "--child", workload, trainer,
             str(steps),
         ]  # fmt: skip
-        subprocess.run(command, check=True, capture_output=True)
+        # A fixed string hash: dict and set layouts (and so their lookups) the same in every run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(command, check=True, capture_output=True, env=env)
         for line in out.read_text().splitlines():
             if line.startswith("totals:"):
                 return int(line.split()[1])

@@ -280,8 +280,11 @@ class JointUpdates:
         extra metric, detached, still on the device."""
         metrics: dict[str, torch.Tensor] = {}
         loss_keys = self._loss_keys
+        last: torch.Tensor | None = None
         for role, loss in losses.items():
-            metrics[loss_keys[role]] = loss.detach()
+            if loss is not last:  # one tensor serving the next role too (RAE-L2): one detach
+                last, detached = loss, loss.detach()
+            metrics[loss_keys[role]] = detached
         if self.metrics:
             sources = [outputs[role] for role in self.roles if role in outputs]
             for key in self.metrics:
