@@ -197,10 +197,8 @@ class JointUpdates:
         forwards (the schedule is the same on all), so all reduce the same roles.
         """
         keys = self._flag_keys
-        flags = {
-            role: read_flag(outputs[role], keys[role], ctx) for role in keys if role in outputs
-        }
-        return self._agreed(flags, ctx)
+        values = {role: outputs[role].get(keys[role], True) for role in keys if role in outputs}
+        return self._agreed(flags_from(values, keys, ctx), ctx)
 
     def _agreed(self, flags: dict[str, bool], ctx: StepContext) -> dict[str, bool]:
         """``flags`` as every rank agrees (each true only where it is true on all ranks); one
@@ -214,14 +212,18 @@ class JointUpdates:
     ) -> dict[str, RoleStep]:
         """One ``RoleStep`` per role whose forward ran, with its schedule in this window."""
         losses: dict[str, torch.Tensor] = {}
-        flags: dict[str, bool] = {}
+        unread: dict[str, Any] = {}  # the flags a forward returned (absent: true)
         flag_keys, intervals = self._flag_keys, self._intervals
         for role, key in self._loss_keys.items():  # one pass, in the roles' order
             served = outputs.get(role)
             if served is not None:
                 losses[role] = ctx.read_loss(served, key)
-                flag = served.get(flag_keys[role], True)  # absent: true, with nothing to read
-                flags[role] = True if flag is True else read_flag(served, flag_keys[role], ctx)
+                flag = served.get(flag_keys[role], True)
+                if flag is not True:
+                    unread[role] = flag
+        flags = dict.fromkeys(losses, True)
+        if unread:
+            flags.update(flags_from(unread, flag_keys, ctx))
         if ctx.world.is_distributed:
             flags = self._agreed(flags, ctx)
         return {
@@ -343,10 +345,34 @@ def read_flag(outputs: Mapping[str, Any], key: str, ctx: StepContext) -> bool:
     """A flag is absent (true), a Python bool or a one-element bool tensor (read from the
     device here)."""
     value = outputs.get(key, True)
-    if isinstance(value, bool):
-        return value
+    return value if isinstance(value, bool) else bool(flag_tensor(value, key, ctx).item())
+
+
+def flags_from(
+    values: Mapping[str, Any], keys: Mapping[str, str], ctx: StepContext
+) -> dict[str, bool]:
+    """Each role's ``update_<role>`` output (``values``, keyed by role) as a bool: a Python
+    bool as it is; the one-element bool tensors read from the device together, in one
+    transfer (VAEGAN's equilibrium rule returns three: one host read a step, not three)."""
+    flags: dict[str, bool] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for role, value in values.items():
+        if isinstance(value, bool):
+            flags[role] = value
+        else:
+            tensors[role] = flag_tensor(value, keys[role], ctx)
+    if len(tensors) > 1 and len({tensor.device for tensor in tensors.values()}) == 1:
+        read = torch.stack([tensor.reshape(()) for tensor in tensors.values()]).tolist()
+        flags.update(zip(tensors, read))
+    else:
+        flags.update((role, bool(tensor.item())) for role, tensor in tensors.items())
+    return flags
+
+
+def flag_tensor(value: Any, key: str, ctx: StepContext) -> torch.Tensor:
+    """``value`` when it is a one-element bool tensor; otherwise an error naming it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
-        return bool(value.item())
+        return value
     shown = (
         f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
         if isinstance(value, torch.Tensor)

@@ -91,8 +91,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/joint.py",
-                "flags[role] = True if flag is True else read_flag(served, flag_keys[role], ctx)",
-                "flags[role] = True",
+                "                if flag is not True:\n                    unread[role] = flag\n",
+                "",
             ),
         ],
         "tests/strategies/test_off_updates.py",

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from engine.config.specs import OptimizerSpec
 from strategies import Adversarial
+from strategies.joint import flags_from
 from tests.strategies.toy import CoupledToy, make_ctx
 
 SGD = OptimizerSpec("SGD", lr=0.1)
@@ -40,3 +41,19 @@ def test_each_role_is_scheduled_by_its_own_interval(n_critic: int, windows: int)
         strategy.train_step(model, {"data": torch.randn(4, 3)}, make_ctx())
     assert on == [w % n_critic == n_critic - 1 for w in range(windows)]
     assert strategy.state_dict()["windows"] == windows
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=4))
+def test_flags_read_together_keep_each_roles_value(kinds: list[tuple[bool, bool]]) -> None:
+    """Flags read in one transfer (``flags_from``) give each role its own value, whichever of
+    them are Python bools and which device tensors."""
+    roles = [f"role{index}" for index in range(len(kinds))]
+    values = {
+        role: torch.tensor(value) if as_tensor else value
+        for role, (value, as_tensor) in zip(roles, kinds)
+    }
+    keys = {role: f"update_{role}" for role in roles}
+    flags = flags_from(values, keys, make_ctx())
+    assert flags == {role: value for role, (value, _) in zip(roles, kinds)}
+    assert all(type(flag) is bool for flag in flags.values())
