@@ -318,13 +318,34 @@ def train_step_of(
     The metrics are detached before the backwards (the same values): then no live tensor
     needs the graph after them, which lets ``compile="step"`` trace forward and backwards as
     one graph (``engine/hardware/compiling.py``).
+
+    Traced by ``compile="step"``, a step whose forward returned ``update_<role>`` flags as
+    device tensors (VAEGAN's equilibrium rule) trains eagerly after its compiled forward: the
+    flags must be read on the host before the backwards, and dynamo, resuming after that read,
+    can neither trace backwards into a graph it has closed nor keep its resumed code (it
+    recompiled it every step until its limit). The backwards still run AOT autograd's compiled
+    backward of that forward.
     """
+    if ctx.compiled_step and torch.compiler.is_compiling() and _has_device_flags(joint, outputs):
+        return _train_step_eagerly(joint, outputs, ctx)
     steps = joint.read(outputs, ctx)
     losses = {role: step.loss for role, step in steps.items()}
     metrics = joint.step_metrics(losses, outputs, ctx)
     if not joint.train(steps, ctx):
         return {}
     return metrics
+
+
+_train_step_eagerly = torch.compiler.disable(train_step_of)
+
+
+def _has_device_flags(joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a forward that ran returned an ``update_<role>`` flag as a tensor."""
+    return any(
+        isinstance(outputs[role].get(f"update_{role}"), torch.Tensor)
+        for role in joint.roles
+        if role in outputs
+    )
 
 
 def eval_step_of(

@@ -35,10 +35,15 @@ ALLOWED = {"sequential": 7, **{kind: 4 for kind in ALTERNATING if kind != "seque
 class StepToy(nn.Module):
     """``tests/strategies/toy.py``'s ``CoupledToy`` losses (each reaches every group), with no
     Python state that changes per call (a list the forward appends to would make every step a
-    new program for the compiler: that is the model's cost, not the engine's)."""
+    new program for the compiler: that is the model's cost, not the engine's).
 
-    def __init__(self) -> None:
+    ``device_flags``: the single forward also returns ``update_decoder`` and
+    ``update_discriminator`` as bool tensors that depend on the batch (as VAEGAN's
+    equilibrium rule returns them), so some steps switch an update off."""
+
+    def __init__(self, device_flags: bool = False) -> None:
         super().__init__()
+        self.device_flags = device_flags
         self.encoder = nn.Linear(FEATURES, 2)
         self.decoder = nn.Linear(2, FEATURES)
         self.discriminator = nn.Linear(FEATURES, 1)
@@ -57,13 +62,17 @@ class StepToy(nn.Module):
         if phase == "generator":
             return {"autoencoder_loss": generator_loss}
         encoder_loss = recon_loss + 0.2 * z.pow(2).mean() + 0.1 * score_fake
-        return {
+        outputs = {
             "encoder_loss": encoder_loss,
             "decoder_loss": recon_loss - 0.4 * score_fake,
             "discriminator_loss": discriminator_loss,
             "autoencoder_loss": generator_loss,
             "recon_loss": recon_loss,
         }
+        if self.device_flags:  # from the data alone: the same in eager and compiled steps
+            outputs["update_decoder"] = x[:, 0].mean() > 0
+            outputs["update_discriminator"] = x[:, 1].mean() < 0.3
+        return outputs
 
 
 def step_case(kind: str) -> tuple[nn.Module, Any]:
@@ -72,8 +81,13 @@ def step_case(kind: str) -> tuple[nn.Module, Any]:
     return make_case(kind, seed=0, n_critic=2, toy=StepToy)
 
 
-def _train(kind: str, compile: Any, samples: int = 37) -> dict[str, torch.Tensor]:
-    model, strategy = step_case(kind)
+def _train(
+    kind: str, compile: Any, samples: int = 37, device_flags: bool = False
+) -> dict[str, torch.Tensor]:
+    if device_flags:
+        model, strategy = make_case(kind, seed=0, toy=lambda: StepToy(device_flags=True))
+    else:
+        model, strategy = step_case(kind)
     config = EngineConfig(
         epochs=2, batch_size=8, shuffle=False, device="cpu", output_dir=None, compile=compile
     )
@@ -113,6 +127,30 @@ def test_forward_and_backwards_are_one_graph(kind: str, inductor: None, fresh_dy
     reasons = list(counters["graph_break"])
     assert reasons, "the optimiser steps should run between graphs"
     assert all("torch.compiler.disable" in reason for reason in reasons), reasons
+
+
+@pytest.mark.slow
+def test_flags_returned_as_device_tensors_train_like_eager_without_recompiling(
+    inductor: None, fresh_dynamo: None
+) -> None:
+    """A forward returning its update flags as device tensors (VAEGAN's equilibrium rule): the
+    forward is compiled, the flags are read on the host and the step trains eagerly
+    (``strategies/joint.py``'s ``train_step_of``). Before that, dynamo resumed after the read
+    and recompiled the rest of the step at every step until its limit."""
+    switched = {
+        (bool(batch[:, 0].mean() > 0), bool(batch[:, 1].mean() < 0.3))
+        for batch in data(37)["data"].split(8)
+    }
+    assert len(switched) > 1, f"some update must be switched off in some step: {switched}"
+    compiled = _train("coupled_adversarial", "step", device_flags=True)
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert recompile_count() <= 1, _reasons()
+    clear_compilation_metrics()
+    _train("coupled_adversarial", "step", samples=40, device_flags=True)
+    assert recompile_count() == 0, _reasons()
+    eager = _train("coupled_adversarial", False, device_flags=True)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow
