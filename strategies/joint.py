@@ -373,8 +373,10 @@ def flags_from(
     values: Mapping[str, Any], keys: Mapping[str, str], ctx: StepContext
 ) -> dict[str, bool]:
     """Each role's ``update_<role>`` output (``values``, keyed by role) as a bool: a Python
-    bool as it is; the one-element bool tensors read from the device together, in one
-    transfer (VAEGAN's equilibrium rule returns three: one host read a step, not three)."""
+    bool as it is, a one-element bool tensor read on the host. Several tensors on one
+    accelerator are read together, in one transfer (``read_together``: VAEGAN's equilibrium
+    rule returns three, so one synchronisation a step instead of three); on the CPU a read is
+    no transfer, and each is read alone (fewer instructions than stacking them)."""
     flags: dict[str, bool] = {}
     tensors: dict[str, torch.Tensor] = {}
     for role, value in values.items():
@@ -382,12 +384,18 @@ def flags_from(
             flags[role] = value
         else:
             tensors[role] = flag_tensor(value, keys[role], ctx)
-    if len(tensors) > 1 and len({tensor.device for tensor in tensors.values()}) == 1:
-        read = torch.stack([tensor.reshape(()) for tensor in tensors.values()]).tolist()
-        flags.update(zip(tensors, read))
+    devices = {tensor.device for tensor in tensors.values()}
+    if len(tensors) > 1 and len(devices) == 1 and devices.pop().type != "cpu":
+        flags.update(read_together(tensors))
     else:
         flags.update((role, bool(tensor.item())) for role, tensor in tensors.items())
     return flags
+
+
+def read_together(tensors: Mapping[str, torch.Tensor]) -> dict[str, bool]:
+    """One-element bool tensors of one device, keyed by role, read in one transfer."""
+    read = torch.stack([tensor.reshape(()) for tensor in tensors.values()]).tolist()
+    return dict(zip(tensors, read))
 
 
 def flag_tensor(value: Any, key: str, ctx: StepContext) -> torch.Tensor:

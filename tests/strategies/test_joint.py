@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine.config.specs import OptimizerSpec
 from strategies import Adversarial
-from strategies.joint import flags_from
+from strategies.joint import flags_from, read_together
 from tests.strategies.toy import CoupledToy, make_ctx
 
 SGD = OptimizerSpec("SGD", lr=0.1)
@@ -54,6 +54,12 @@ def test_flags_read_together_keep_each_roles_value(kinds: list[tuple[bool, bool]
         for role, (value, as_tensor) in zip(roles, kinds)
     }
     keys = {role: f"update_{role}" for role in roles}
+    expected = {role: value for role, (value, _) in zip(roles, kinds)}
     flags = flags_from(values, keys, make_ctx())
-    assert flags == {role: value for role, (value, _) in zip(roles, kinds)}
+    assert flags == expected
     assert all(type(flag) is bool for flag in flags.values())
+    # the one-transfer read of an accelerator's flags (here on CPU tensors) keeps them too
+    tensors = {role: torch.tensor(value) for role, value in expected.items()}
+    together = read_together(tensors)
+    assert together == expected
+    assert all(type(flag) is bool for flag in together.values())
