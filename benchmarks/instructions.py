@@ -10,6 +10,11 @@ The engine's overhead is then ``engine - floor`` per step and per fit; its share
 floor's step gives an estimate in microseconds at the floor's measured speed (an estimate: it
 assumes the extra instructions run at the floor's rate).
 
+Counts are nearly, not exactly, deterministic: glibc's allocator and the addresses it hands
+out differ between runs, and with them the work of the allocator and of a few kernels. The
+same code counted twice here differed by up to about 10k instructions per step; the children
+run with a fixed string hash (``PYTHONHASHSEED=0``), which removes the dictionaries' share.
+
 Needs valgrind (``apt-get install valgrind``); each trainer run takes a minute or two under it.
 Run from the repository root::
 

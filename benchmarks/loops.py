@@ -7,7 +7,10 @@ engine can be compared with the same optimiser implementation (fused Adam, the e
 on CPU and CUDA) and with plain Adam (torch's default, what a hand-written loop usually uses).
 
 A timed epoch is a whole one-epoch run: every trainer seeds and builds its optimiser inside the
-clock, as ``Engine.fit`` does; the model copy is made outside it.
+clock, as ``Engine.fit`` does; the model copy is made outside it. The floor seeds and shuffles
+as the engine does (seed 0, the same permutation), so from the same initial model both compute
+bitwise the same parameters (``tests/benchmarks/test_same_arithmetic.py``): the difference in
+time is the engine's own work, not a different trajectory.
 """
 
 from __future__ import annotations
