@@ -17,8 +17,11 @@ new optimisers) would recompile it, and after 8 fits in one process dynamo's rec
 sends it back to eager for good (measured on the 1x4x4 VAE: compiled optimiser 0.64 ms/step,
 fused kernel between graphs 0.65 ms/step, after the limit 1.23 ms/step). Shapes are static
 (``dynamic=False``): a short last batch compiles once more (one recompile), and both graphs
-serve every later epoch. What dynamo cannot trace (a ``.item()`` on an ``update_<role>`` flag,
-``nonfinite="skip"``'s check) ends a graph there and runs eagerly, correct but slower.
+serve every later epoch. What dynamo cannot trace (``nonfinite="skip"``'s check) ends a graph
+there and runs eagerly, correct but slower. A forward that returns ``update_<role>`` flags as
+device tensors (VAEGAN) is compiled, and its step then trains eagerly after reading them
+(``strategies/joint.py``'s ``train_step_of``): dynamo resuming after such a read recompiled the
+rest of the step at every step until its limit.
 
 On CUDA with ``accumulate_steps == 1`` the compiled step is also captured as CUDA graphs
 (``mode="reduce-overhead"``): each step marks a new graph-tree step and its metrics are copied
