@@ -200,6 +200,15 @@ class JointUpdates:
         values = {role: outputs[role].get(keys[role], True) for role in keys if role in outputs}
         return self._agreed(flags_from(values, keys, ctx), ctx)
 
+    def has_device_flags(self, outputs: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Whether a forward that ran returned its role's ``update_<role>`` flag as a tensor."""
+        keys = self._flag_keys
+        return any(
+            isinstance(outputs[role].get(keys[role]), torch.Tensor)
+            for role in keys
+            if role in outputs
+        )
+
     def _agreed(self, flags: dict[str, bool], ctx: StepContext) -> dict[str, bool]:
         """``flags`` as every rank agrees (each true only where it is true on all ranks); one
         process has nothing to agree with."""
@@ -326,7 +335,7 @@ def train_step_of(
     recompiled it every step until its limit). The backwards still run AOT autograd's compiled
     backward of that forward.
     """
-    if ctx.compiled_step and torch.compiler.is_compiling() and _has_device_flags(joint, outputs):
+    if ctx.compiled_step and torch.compiler.is_compiling() and joint.has_device_flags(outputs):
         return _train_step_eagerly(joint, outputs, ctx)
     steps = joint.read(outputs, ctx)
     losses = {role: step.loss for role, step in steps.items()}
@@ -337,15 +346,6 @@ def train_step_of(
 
 
 _train_step_eagerly = torch.compiler.disable(train_step_of)
-
-
-def _has_device_flags(joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]]) -> bool:
-    """Whether a forward that ran returned an ``update_<role>`` flag as a tensor."""
-    return any(
-        isinstance(outputs[role].get(f"update_{role}"), torch.Tensor)
-        for role in joint.roles
-        if role in outputs
-    )
 
 
 def eval_step_of(
