@@ -46,8 +46,9 @@ def test_each_role_is_scheduled_by_its_own_interval(n_critic: int, windows: int)
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=4))
 def test_flags_read_together_keep_each_roles_value(kinds: list[tuple[bool, bool]]) -> None:
-    """Flags read in one transfer (``flags_from``) give each role its own value, whichever of
-    them are Python bools and which device tensors."""
+    """``flags_from`` (on the CPU each tensor read alone) and ``read_together`` (one transfer,
+    as on an accelerator) give each role its own value, whichever are Python bools and which
+    tensors."""
     roles = [f"role{index}" for index in range(len(kinds))]
     values = {
         role: torch.tensor(value) if as_tensor else value
