@@ -24,7 +24,7 @@ from torch.nn import functional as F
 import callbacks as callback_package
 import strategies
 from callbacks import ConsoleMetrics, MetricsHistory, ProgressBar
-from engine import DataError, Engine, EngineConfig, OptimizerSpec
+from engine import CHECKPOINT_PRIORITY, DataError, Engine, EngineConfig, OptimizerSpec
 from engine.distributed.session import leave_process_group
 from tests.helpers import gloo_worker_threads, spawn_ranks
 
@@ -149,9 +149,11 @@ class HangsAtStep(nn.Module):
 
 
 class SlowFitEnd:
-    """On rank 0, at FIT_END (before ``Checkpointing`` writes its last files), waits a moment
-    and then writes ``marker``: a rank whose ``fit`` returned before rank 0's files were on disk
-    would not see it."""
+    """On rank 0, the last FIT_END handler (after ``Checkpointing``, whose last save may wait
+    for the other ranks): waits a moment, then writes ``marker``. A rank whose ``fit`` returned
+    before rank 0's FIT_END handlers were done would not see it."""
+
+    priority = CHECKPOINT_PRIORITY - 1
 
     def __init__(self, marker: Path, delay_s: float = 1.5) -> None:
         self.marker, self.delay_s = marker, delay_s
