@@ -198,7 +198,8 @@ class JointUpdates:
         """
         keys = self._flag_keys
         values = {role: outputs[role].get(keys[role], True) for role in keys if role in outputs}
-        return self._agreed(flags_from(values, keys, ctx), ctx)
+        flags = flags_from(values, keys, ctx)
+        return self._agreed(flags, ctx) if ctx.world.is_distributed else flags
 
     def has_device_flags(self, outputs: Mapping[str, Mapping[str, Any]]) -> bool:
         """Whether a forward that ran returned its role's ``update_<role>`` flag as a tensor."""
@@ -210,10 +211,7 @@ class JointUpdates:
         )
 
     def _agreed(self, flags: dict[str, bool], ctx: StepContext) -> dict[str, bool]:
-        """``flags`` as every rank agrees (each true only where it is true on all ranks); one
-        process has nothing to agree with."""
-        if not ctx.world.is_distributed:
-            return flags
+        """``flags`` as every rank agrees (each true only where it is true on all ranks)."""
         return dict(zip(flags, all_ranks_agree(list(flags.values()), ctx.world)))
 
     def read(
@@ -385,7 +383,7 @@ def flags_from(
         else:
             tensors[role] = flag_tensor(value, keys[role], ctx)
     devices = {tensor.device for tensor in tensors.values()}
-    if len(tensors) > 1 and len(devices) == 1 and devices.pop().type != "cpu":
+    if len(tensors) > 1 and len(devices) == 1 and next(iter(devices)).type != "cpu":
         flags.update(read_together(tensors))
     else:
         flags.update((role, bool(tensor.item())) for role, tensor in tensors.items())

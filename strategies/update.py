@@ -249,7 +249,7 @@ def step_update(update: Update, ctx: StepContext) -> bool:
         return False
     update.pending = False
     scaler = ctx.scaler
-    if ctx.world.is_distributed:
+    if ctx.world.is_distributed:  # one process has nothing to average
         finish_window(update, ctx)
     clip = update.spec.grad_clip_norm or ctx.grad_clip_norm
     if scaler is not None:
