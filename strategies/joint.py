@@ -46,9 +46,11 @@ from strategies.roles import ClipChoice, RoleFields
 from strategies.update import (
     Update,
     UpdateSpec,
+    add_gradients,
     apply_updates,
     backward_isolated,
     build_update,
+    isolated_gradients,
     losses_are_finite,
     skip_step,
 )
@@ -201,6 +203,22 @@ class JointUpdates:
         flags = flags_from(values, keys, ctx)
         return self._agreed(flags, ctx) if ctx.world.is_distributed else flags
 
+    @property
+    def flag_keys(self) -> dict[str, str]:
+        """Each role's flag key, ``update_<role>``."""
+        return self._flag_keys
+
+    @property
+    def loss_key_of(self) -> dict[str, str]:
+        """Each role's loss key."""
+        return self._loss_keys
+
+    def can_trace_gradients(self, ctx: StepContext) -> bool:
+        """Whether a compiled step can trace every role's gradient before reading its flags
+        (``_train_on_traced_gradients``): one process, unsharded, and no role on a schedule
+        (which the step would read from the window count, recompiling for each)."""
+        return not ctx.world.is_distributed and ctx.sharding is None and not self._intervals
+
     def has_device_flags(self, outputs: Mapping[str, Mapping[str, Any]]) -> bool:
         """Whether a forward that ran returned its role's ``update_<role>`` flag as a tensor."""
         keys = self._flag_keys
@@ -240,10 +258,17 @@ class JointUpdates:
             for role, loss in losses.items()
         }
 
-    def train(self, steps: Mapping[str, RoleStep], ctx: StepContext) -> bool:
+    def train(
+        self,
+        steps: Mapping[str, RoleStep],
+        ctx: StepContext,
+        gradients: Mapping[str, tuple[torch.Tensor | None, ...]] | None = None,
+    ) -> bool:
         """Back-propagate the active losses, isolated, and step at the window's end, which
         counts as a window whether or not its updates ran.
 
+        ``gradients``: each role's gradient already computed (``isolated_gradients``, traced
+        by a compiled step); the active roles' are accumulated instead of back-propagating.
         Returns false when ``nonfinite="skip"`` dropped this batch (on every rank, when a loss
         is non-finite on any).
         """
@@ -259,12 +284,10 @@ class JointUpdates:
                 step = steps.get(update.spec.role)
                 if step is None or not step.active:
                     continue
-                if not step.loss.requires_grad:
-                    raise ModelOutputError(
-                        f"loss {update.spec.loss_key!r} of the {update.spec.role} update does "
-                        f"not depend on any trainable parameter (it has no grad_fn) at step "
-                        f"{ctx.progress.step}"
-                    )
+                if gradients is not None:
+                    add_gradients(update, gradients[update.spec.role])
+                    continue
+                require_grad(update, step.loss, ctx)
                 pairs.append((update, step.loss))
             if pairs:
                 backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
@@ -327,13 +350,16 @@ def train_step_of(
     one graph (``engine/hardware/compiling.py``).
 
     Traced by ``compile="step"``, a step whose forward returned ``update_<role>`` flags as
-    device tensors (VAEGAN's equilibrium rule) trains eagerly after its compiled forward: the
-    flags must be read on the host before the backwards, and dynamo, resuming after that read,
-    can neither trace backwards into a graph it has closed nor keep its resumed code (it
-    recompiled it every step until its limit). The backwards still run AOT autograd's compiled
-    backward of that forward.
+    device tensors (VAEGAN's equilibrium rule) computes every role's gradient inside the graph
+    and reads the flags after it (``_train_on_traced_gradients``): reading them before the
+    backwards would end the graph there, and dynamo, resuming after that read, can neither
+    trace backwards into a graph it has closed nor keep its resumed code (it recompiled it
+    every step until its limit). Under several processes, or with a role on a schedule, such a
+    step trains eagerly after its compiled forward instead.
     """
     if ctx.compiled_step and torch.compiler.is_compiling() and joint.has_device_flags(outputs):
+        if joint.can_trace_gradients(ctx):
+            return _train_on_traced_gradients(joint, outputs, ctx)
         return _train_step_eagerly(joint, outputs, ctx)
     steps = joint.read(outputs, ctx)
     losses = {role: step.loss for role, step in steps.items()}
@@ -344,6 +370,57 @@ def train_step_of(
 
 
 _train_step_eagerly = torch.compiler.disable(train_step_of)
+
+
+def _train_on_traced_gradients(
+    joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
+) -> dict[str, torch.Tensor]:
+    """``train_step_of`` traced by ``compile="step"`` when the forward returned its flags as
+    device tensors: every role's isolated gradient is traced into the forward's graph (one
+    program, as for a step without flags), and the flags are read after it, eagerly, which keep
+    the active roles' gradients and drop the others' (an update that is off still neither
+    moves nor advances). Only detached values leave the graph, so it saves nothing for a
+    backward. A role that is off costs its backward's kernels, inside the graph."""
+    losses = joint.read_losses(outputs, ctx)
+    updates = joint.by_role
+    for role, loss in losses.items():
+        require_grad(updates[role], loss, ctx)
+    metrics = joint.step_metrics(losses, outputs, ctx)
+    gradients = isolated_gradients([(updates[role], loss) for role, loss in losses.items()], ctx)
+    flag_keys, loss_keys = joint.flag_keys, joint.loss_key_of
+    on_host = {
+        role: {
+            loss_keys[role]: metrics[loss_keys[role]],
+            flag_keys[role]: outputs[role].get(flag_keys[role], True),
+        }
+        for role in losses
+    }
+    return _keep_active_gradients(joint, on_host, gradients, metrics, ctx)
+
+
+@torch.compiler.disable
+def _keep_active_gradients(
+    joint: JointUpdates,
+    on_host: Mapping[str, Mapping[str, Any]],
+    gradients: Mapping[str, tuple[torch.Tensor | None, ...]],
+    metrics: dict[str, torch.Tensor],
+    ctx: StepContext,
+) -> dict[str, torch.Tensor]:
+    """The eager end of ``_train_on_traced_gradients``: ``on_host`` holds each role's detached
+    loss and flag; the flags are read, the active roles' gradients accumulated, the optimisers
+    stepped."""
+    if not joint.train(joint.read(on_host, ctx), ctx, gradients):
+        return {}
+    return metrics
+
+
+def require_grad(update: Update, loss: torch.Tensor, ctx: StepContext) -> None:
+    """An error naming ``update``'s loss when it depends on no trainable parameter."""
+    if not loss.requires_grad:
+        raise ModelOutputError(
+            f"loss {update.spec.loss_key!r} of the {update.spec.role} update does not depend "
+            f"on any trainable parameter (it has no grad_fn) at step {ctx.progress.step}"
+        )
 
 
 def eval_step_of(

@@ -160,20 +160,10 @@ def backward_isolated(
     parameters instead, so only that group's units are reduce-scattered (``sharded_backward``;
     a plain backward that drops what leaks into the other groups is its fallback).
     """
-    merged: list[tuple[torch.Tensor, list[Update]]] = []
-    for update, loss in pairs:
-        for shared_loss, sharers in merged:
-            if shared_loss is loss:
-                sharers.append(update)
-                break
-        else:
-            merged.append((loss, [update]))
+    merged = _by_loss(pairs)
     last = len(merged) - 1
     for index, (loss, sharers) in enumerate(merged):
-        if ctx.micro_count > 1:
-            loss = loss / ctx.micro_count
-        if ctx.scaler is not None:
-            loss = ctx.scaler.scale(loss)
+        loss = _scaled(loss, ctx)
         retain = index < last
         if ctx.world.is_distributed:
             sync_now = ctx.is_update_step if sync is None else sync
@@ -183,6 +173,62 @@ def backward_isolated(
             _backward(loss, sharers, ctx, every_group and len(merged) == 1, retain)
         for update in sharers:
             update.pending = True
+
+
+def isolated_gradients(
+    pairs: Sequence[tuple[Update, torch.Tensor]], ctx: StepContext
+) -> dict[str, tuple[torch.Tensor | None, ...]]:
+    """Each group's gradient of its own loss, keyed by role, returned rather than accumulated:
+    what ``backward_isolated`` would add to the groups' ``param.grad`` (scaled the same way; one
+    ``autograd.grad`` per distinct loss), for a compiled step that traces every backward into
+    its graph before it can read which of them to keep (``add_gradients`` keeps one). ``None``
+    stands for a parameter the loss does not reach. One process, unsharded parameters."""
+    gradients: dict[str, tuple[torch.Tensor | None, ...]] = {}
+    for loss, sharers in _by_loss(pairs):
+        params = [param for update in sharers for param in update.params]
+        # retain_graph for every loss: dynamo refuses to let autograd.grad free the graph of
+        # tensors the traced code can still reach (the forward's outputs); inside the compiled
+        # graph it frees nothing either way.
+        grads = torch.autograd.grad(
+            _scaled(loss, ctx), params, retain_graph=True, allow_unused=True
+        )
+        start = 0
+        for update in sharers:
+            gradients[update.spec.role] = grads[start : start + len(update.params)]
+            start += len(update.params)
+    return gradients
+
+
+def add_gradients(update: Update, gradients: Sequence[torch.Tensor | None]) -> None:
+    """Accumulate ``gradients`` (``isolated_gradients``' entry for ``update``'s role) into its
+    parameters, as its backward would have."""
+    _accumulate(update.params, gradients)
+    update.pending = True
+
+
+def _by_loss(
+    pairs: Sequence[tuple[Update, torch.Tensor]],
+) -> list[tuple[torch.Tensor, list[Update]]]:
+    """The updates grouped by the very loss tensor they train on, in ``pairs``' order."""
+    merged: list[tuple[torch.Tensor, list[Update]]] = []
+    for update, loss in pairs:
+        for shared_loss, sharers in merged:
+            if shared_loss is loss:
+                sharers.append(update)
+                break
+        else:
+            merged.append((loss, [update]))
+    return merged
+
+
+def _scaled(loss: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """``loss`` divided by the accumulation window's size and scaled by the run's GradScaler:
+    the accumulated gradient is then that of the window's mean loss, scaled as fp16 needs."""
+    if ctx.micro_count > 1:
+        loss = loss / ctx.micro_count
+    if ctx.scaler is not None:
+        loss = ctx.scaler.scale(loss)
+    return loss
 
 
 def _backward(
@@ -209,6 +255,12 @@ def _traced_backward_into(
     ``backward(inputs=...)`` as ``autograd.grad`` without ``allow_unused`` and so refuses a
     parameter of the group that the loss does not reach, whose gradient backward leaves alone."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    _accumulate(params, grads)
+
+
+def _accumulate(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
+    """Add each gradient into its parameter's ``grad``, as a backward does (``None``: not
+    reached, left alone)."""
     for param, grad in zip(params, grads):
         if grad is None:
             continue

@@ -104,8 +104,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/update.py",
-                "            loss = loss / ctx.micro_count\n",
-                "            loss = loss\n",
+                "        loss = loss / ctx.micro_count\n",
+                "        loss = loss\n",
             )
         ],
         "tests/strategies/test_standard.py::test_k_micro_batches_equal_one_batch_k_times_larger",
@@ -594,6 +594,34 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "engine/run_setup.py",
                 '        compiled_step=config.compile == "step",\n',
                 "        compiled_step=False,\n",
+            ),
+        ],
+        "tests/engine/test_compile_step.py",
+    ),
+    _m(
+        "traced-gradients-of-off-updates-kept",
+        "under compile='step' an update its device-tensor flag switches off changes nothing",
+        [
+            (
+                "strategies/joint.py",
+                "                step = steps.get(update.spec.role)\n"
+                "                if step is None or not step.active:\n"
+                "                    continue\n"
+                "                if gradients is not None:\n",
+                "                step = steps.get(update.spec.role)\n"
+                "                if gradients is not None:\n",
+            ),
+        ],
+        "tests/engine/test_compile_step.py",
+    ),
+    _m(
+        "flagged-step-backwards-left-to-autograd",
+        "under compile='step' flags as device tensors keep the backwards in the forward's graph",
+        [
+            (
+                "strategies/joint.py",
+                "        if joint.can_trace_gradients(ctx):\n",
+                "        if False:\n",
             ),
         ],
         "tests/engine/test_compile_step.py",

@@ -154,6 +154,27 @@ def test_flags_returned_as_device_tensors_train_like_eager_without_recompiling(
 
 
 @pytest.mark.slow
+def test_flags_returned_as_device_tensors_leave_the_backwards_in_the_graph(
+    inductor: None, fresh_dynamo: None
+) -> None:
+    """With flags as device tensors the backwards are still traced into the forward's graph
+    (``strategies/joint.py``'s ``_train_on_traced_gradients``), not run by autograd's engine
+    after the flags are read: no gradient reaches a parameter through autograd's accumulation
+    (whose hook a backward would call), yet the parameters train."""
+    model, strategy = make_case("coupled_adversarial", seed=0, toy=lambda: StepToy(True))
+    accumulated: list[str] = []
+    for name, param in model.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda _, name=name: accumulated.append(name))
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    config = EngineConfig(epochs=1, batch_size=8, device="cpu", output_dir=None, compile="step")
+    Engine(strategy, config).fit(model, data(32))
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert accumulated == [], f"autograd's engine ran backwards into {sorted(set(accumulated))}"
+    moved = [name for name, param in model.named_parameters() if not param.equal(before[name])]
+    assert sorted(moved) == sorted(before), f"only {moved} trained"
+
+
+@pytest.mark.slow
 def test_the_last_batch_recompile_is_counted(inductor: None, fresh_dynamo: None) -> None:
     """The count the tests above rely on sees a recompilation: 37 samples give a batch of 5
     after batches of 8, which the graph compiled for 8 does not serve."""
