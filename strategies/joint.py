@@ -282,12 +282,13 @@ class JointUpdates:
             pairs = []
             for update in updates:
                 step = steps.get(update.spec.role)
-                if step is None or not step.active:
+                if step is None or not (step.flag and step.scheduled):  # not step.active: a call
                     continue
                 if gradients is not None:
                     add_gradients(update, gradients[update.spec.role])
                     continue
-                require_grad(update, step.loss, ctx)
+                if not step.loss.requires_grad:
+                    require_grad(update, step.loss, ctx)
                 pairs.append((update, step.loss))
             if pairs:
                 backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
@@ -454,16 +455,20 @@ def flags_from(
     no transfer, and each is read alone (fewer instructions than stacking them)."""
     flags: dict[str, bool] = {}
     tensors: dict[str, torch.Tensor] = {}
-    for role, value in values.items():
-        if isinstance(value, bool):
+    for role, value in values.items():  # per step: the usual values are checked inline
+        if value is True or value is False:
             flags[role] = value
+        elif isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1:
+            tensors[role] = value
         else:
-            tensors[role] = flag_tensor(value, keys[role], ctx)
-    devices = {tensor.device for tensor in tensors.values()}
-    if len(tensors) > 1 and len(devices) == 1 and next(iter(devices)).type != "cpu":
-        flags.update(read_together(tensors))
-    else:
-        flags.update((role, bool(tensor.item())) for role, tensor in tensors.items())
+            tensors[role] = flag_tensor(value, keys[role], ctx)  # raises, naming the value
+    if len(tensors) > 1:
+        device = next(iter(tensors.values())).device
+        if device.type != "cpu" and all(t.device == device for t in tensors.values()):
+            flags.update(read_together(tensors))
+            return flags
+    for role, tensor in tensors.items():
+        flags[role] = bool(tensor)
     return flags
 
 

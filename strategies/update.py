@@ -160,10 +160,12 @@ def backward_isolated(
     parameters instead, so only that group's units are reduce-scattered (``sharded_backward``;
     a plain backward that drops what leaks into the other groups is its fallback).
     """
-    merged = _by_loss(pairs)
+    # one pair (a Standard step) needs no grouping; per-batch calls are kept to what is used
+    merged = [(pairs[0][1], [pairs[0][0]])] if len(pairs) == 1 else _by_loss(pairs)
     last = len(merged) - 1
     for index, (loss, sharers) in enumerate(merged):
-        loss = _scaled(loss, ctx)
+        if ctx.micro_count > 1 or ctx.scaler is not None:
+            loss = _scaled(loss, ctx)
         retain = index < last
         if ctx.world.is_distributed:
             sync_now = ctx.is_update_step if sync is None else sync

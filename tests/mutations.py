@@ -78,8 +78,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/joint.py",
-                "            if step is None or not step.active:\n",
-                "            if step is None:\n",
+                "            if step is None or not (step.flag and step.scheduled):",
+                "            if step is None:",
             ),
         ],
         "tests/strategies/test_off_updates.py",
@@ -605,7 +605,8 @@ MUTATIONS: tuple[Mutation, ...] = (
             (
                 "strategies/joint.py",
                 "                step = steps.get(update.spec.role)\n"
-                "                if step is None or not step.active:\n"
+                "                if step is None or not (step.flag and step.scheduled):"
+                "  # not step.active: a call\n"
                 "                    continue\n"
                 "                if gradients is not None:\n",
                 "                step = steps.get(update.spec.role)\n"
