@@ -20,6 +20,7 @@ from strategies.update import (
     backward_isolated,
     build_update,
     end_epoch_schedulers,
+    is_plain_step,
     learning_rates,
     losses_are_finite,
     skip_step,
@@ -42,6 +43,7 @@ class Standard:
     supports: ClassVar[frozenset[str]] = SUPPORTS_ALL  # accumulation and clipping: apply_updates
     _update: Update | None = attrs.field(default=None, init=False)
     _spec: UpdateSpec = attrs.field(init=False)
+    _plain: bool = attrs.field(default=False, init=False)  # is_plain_step, for this fit
 
     def __attrs_post_init__(self) -> None:
         self._spec = UpdateSpec(
@@ -63,6 +65,7 @@ class Standard:
         if not params:
             raise StrategyError(f"model {type(model).__name__} has no trainable parameters")
         self._update = build_update(self._spec, params, ctx.device)
+        self._plain = is_plain_step(self._update, ctx)
 
     def train_step(
         self, model: torch.nn.Module, batch: Any, ctx: StepContext
@@ -81,8 +84,13 @@ class Standard:
         metrics = {self.loss_key: loss.detach()}  # before the backward: see joint.py
         if self.metrics:
             metrics.update(self._extra_metrics(outputs, ctx))
-        backward_isolated([(update, loss)], ctx, every_group=True)
-        apply_updates([update], ctx)
+        if self._plain and ctx.micro_count == 1:  # what the two calls below come to here
+            loss.backward()
+            update.optimizer.step()
+            update.optimizer.zero_grad(set_to_none=True)
+        else:
+            backward_isolated([(update, loss)], ctx, every_group=True)
+            apply_updates([update], ctx)
         return metrics
 
     def eval_step(

@@ -95,6 +95,28 @@ def build_update(
     return update
 
 
+def is_plain_step(update: Update, ctx: StepContext) -> bool:
+    """Whether a window of one batch trains ``update`` by its loss's ``backward()`` and its
+    optimiser's ``step()`` and ``zero_grad()`` alone, as a hand-written loop does: one process
+    (nothing to average), unsharded, no GradScaler, no clipping, no per-step scheduler,
+    ``nonfinite`` not ``"skip"`` and not ``compile="step"`` (whose optimiser steps run between
+    graphs). Then a strategy may call those three directly instead of ``backward_isolated``
+    and ``apply_updates``, which do the same with fewer checks skipped: per step, each Python
+    call a strategy makes costs more than its instructions (the step's kernels leave it cold:
+    ``benchmarks/python_in_step.py``)."""
+    scheduler = update.spec.scheduler
+    return (
+        not ctx.world.is_distributed
+        and ctx.sharding is None
+        and ctx.scaler is None
+        and update.spec.grad_clip_norm is None
+        and ctx.grad_clip_norm is None
+        and (update.scheduler is None or scheduler is None or scheduler.interval != "step")
+        and ctx.nonfinite != "skip"
+        and not ctx.compiled_step
+    )
+
+
 def held_accumulators(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Each parameter's gradient accumulator (the autograd node that writes ``param.grad``),
     held for the run through a one-node graph per parameter (``param.sum()``, computed once).

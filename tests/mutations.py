@@ -53,7 +53,10 @@ CKPT = "tests/engine/test_checkpoint.py"
 DURABLE = "tests/engine/test_checkpoint_durable.py"
 SYNC = "tests/engine/test_sync_free.py"
 LOOP = "tests/engine/test_loop.py"
-STANDARD_STEP = "        backward_isolated([(update, loss)], ctx, every_group=True)\n"
+# The line of Standard's step that both its paths (plain and full) run.
+STANDARD_STEP = (
+    "        metrics = {self.loss_key: loss.detach()}  # before the backward: see joint.py\n"
+)
 PHASE_BACKWARD = (
     "                backward_isolated([(update, terms.total(phase, ctx))], ctx, sync=sync)\n"
 )
@@ -597,6 +600,37 @@ MUTATIONS: tuple[Mutation, ...] = (
             ),
         ],
         "tests/engine/test_compile_step.py",
+    ),
+    _m(
+        "plain-step-where-clipping-asks",
+        "a step clips when the config asks (clipping takes the full path)",
+        [("strategies/update.py", "        and ctx.grad_clip_norm is None\n", "")],
+        "tests/strategies/test_plain_step.py",
+        "tests/strategies/test_standard.py::test_clipping_matches_a_clipped_sgd_step",
+    ),
+    _m(
+        "plain-step-keeps-gradients",
+        "a plain step trains as the full path does (it zeroes the gradients it stepped)",
+        [
+            (
+                "strategies/standard.py",
+                "            update.optimizer.zero_grad(set_to_none=True)\n",
+                "",
+            )
+        ],
+        "tests/strategies/test_plain_step.py",
+    ),
+    _m(
+        "plain-step-never-taken",
+        "a step that asks for nothing more calls backward and the optimiser step directly",
+        [
+            (
+                "strategies/standard.py",
+                "        if self._plain and ctx.micro_count == 1:",
+                "        if False:",
+            )
+        ],
+        "tests/strategies/test_plain_step.py",
     ),
     _m(
         "traced-gradients-of-off-updates-kept",

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import coldstart, dataset_size, denormals, instructions, memory, overhead, suite
+from benchmarks import (
+    coldstart,
+    dataset_size,
+    denormals,
+    instructions,
+    memory,
+    overhead,
+    python_in_step,
+    suite,
+)
 from benchmarks.harness import Runner, interleave, markdown_table
 from benchmarks.peers import available
 from benchmarks.workloads import WORKLOADS
@@ -130,3 +139,14 @@ def test_denormals_benchmark_reports_every_epoch_of_both_settings(
     assert denormals.main(["--tiny"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"^\| \d", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1"]
+
+
+def test_python_in_step_reports_every_variant_beside_its_warm_cost() -> None:
+    text = python_in_step.main(["--tiny"])
+    rows = [line for line in text.splitlines() if line.startswith("| floor")]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["floor", "floor again"] + [f"floor + piece x{n}" for n in python_in_step.CALLS]
+    for row in rows:
+        cells = [cell.strip() for cell in row.split("|")[2:-1]]
+        assert float(cells[0]) > 0 and float(cells[2]) > 0, row
+        assert len(cells[1].split(" / ")) == 3, row
