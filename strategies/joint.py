@@ -50,6 +50,7 @@ from strategies.update import (
     apply_updates,
     backward_isolated,
     build_update,
+    is_plain_step,
     isolated_gradients,
     losses_are_finite,
     skip_step,
@@ -132,6 +133,7 @@ class JointUpdates:
     _loss_keys: dict[str, str] = attrs.field(init=False)
     _intervals: dict[str, int] = attrs.field(init=False)
     _update_list: tuple[Update, ...] = attrs.field(default=(), init=False)
+    _plain: bool = attrs.field(default=False, init=False)  # every update's is_plain_step
 
     def __attrs_post_init__(self) -> None:
         self._roles = tuple(self.specs)
@@ -177,6 +179,7 @@ class JointUpdates:
             for role, spec in self.specs.items()
         }
         self._update_list = tuple(self._updates.values())
+        self._plain = all(is_plain_step(update, ctx) for update in self._update_list)
 
     def read_losses(
         self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
@@ -292,7 +295,13 @@ class JointUpdates:
                 pairs.append((update, step.loss))
             if pairs:
                 backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
-            apply_updates(updates, ctx)
+            if self._plain and ctx.micro_count == 1:  # what apply_updates comes to here
+                for update, _ in pairs:
+                    update.pending = False
+                    update.optimizer.step()
+                    update.optimizer.zero_grad(set_to_none=True)
+            else:
+                apply_updates(updates, ctx)
         else:
             skip_step(updates, ctx)
         if ctx.is_update_step:

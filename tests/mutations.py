@@ -621,6 +621,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/strategies/test_plain_step.py",
     ),
     _m(
+        "joint-plain-step-keeps-gradients",
+        "a multi-role plain step trains as the full path does (it zeroes what it stepped)",
+        [
+            (
+                "strategies/joint.py",
+                "                    update.optimizer.zero_grad(set_to_none=True)\n",
+                "",
+            )
+        ],
+        "tests/strategies/test_plain_step.py",
+    ),
+    _m(
         "plain-step-never-taken",
         "a step that asks for nothing more calls backward and the optimiser step directly",
         [

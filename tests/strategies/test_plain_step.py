@@ -1,8 +1,10 @@
-"""``Standard``'s plain step (``strategies/update.py``'s ``is_plain_step``): where a window of
-one batch asks for nothing but the backward and the optimiser step (one process, no scaler,
-no clipping, no per-step scheduler, ``nonfinite`` not ``"skip"``, not ``compile="step"``),
-the step calls them directly; it trains to the same bits as the full path, and every setting
-that needs more takes the full path (``backward_isolated``, ``apply_updates``).
+"""The plain step (``strategies/update.py``'s ``is_plain_step``): where a window of one batch
+asks for nothing but the backwards and the optimiser steps (one process, no scaler, no
+clipping, no per-step scheduler, ``nonfinite`` not ``"skip"``, not ``compile="step"``),
+``Standard`` calls the backward and the step directly and a multi-role strategy steps its
+active updates directly (``JointUpdates.train``). Either trains to the same bits as the full
+path, and every setting that needs more takes the full path (``backward_isolated``,
+``apply_updates``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from hypothesis import strategies as st
 
 from engine import Engine, EngineConfig, OptimizerSpec, SchedulerSpec
 from strategies import Standard
+from tests.engine.checkpoint_cases import data, equal, make_case
+from tests.engine.test_compile_step import StepToy
 from tests.helpers import TinyRegressor, same_tensors, snapshot
 
 UPDATE = Path(__file__).resolve().parents[2] / "strategies" / "update.py"
@@ -104,3 +108,47 @@ def test_the_plain_step_trains_to_the_full_paths_bits(seed: int, optimizer: str,
     assert same_tensors(plain, full)
     torch.manual_seed(seed)
     assert not same_tensors(plain, snapshot(TinyRegressor())), "nothing trained"
+
+
+def _fit_case(kind: str, seed: int, flags: bool, **config: Any) -> dict[str, Any]:
+    toy = (lambda: StepToy(device_flags=True)) if flags else None
+    model, strategy = make_case(kind, seed=seed, toy=toy)
+    config = {"batch_size": 8, "shuffle": False, "output_dir": None, "device": "cpu", **config}
+    Engine(strategy, EngineConfig(**config)).fit(model, data(40))
+    return {"model": snapshot(model), "strategy": strategy.state_dict()}
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kind=st.sampled_from(["adversarial", "two_phase", "coupled", "coupled_adversarial"]),
+    seed=st.integers(0, 1000),
+    flags=st.booleans(),
+)
+def test_a_multi_role_plain_step_trains_to_the_full_paths_bits(
+    kind: str, seed: int, flags: bool
+) -> None:
+    """With ``flags``, the forward switches updates off in some steps (``StepToy``): an update
+    that is off is stepped by neither path."""
+    plain = _fit_case(kind, seed, flags)
+    assert equal(plain, _fit_case(kind, seed, flags, nonfinite="skip"))
+
+
+def test_a_multi_role_step_takes_the_full_path_only_when_asked() -> None:
+    model, strategy = make_case("coupled_adversarial", seed=0)
+    counts: Counter[str] = Counter()
+
+    def profile(frame: FrameType, event: str, _: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_name == "apply_updates" and Path(code.co_filename) == UPDATE:
+            counts[code.co_name] += 1
+
+    for clip, expected in ((None, 0), (1.0, 5)):
+        counts.clear()
+        config = EngineConfig(batch_size=8, output_dir=None, device="cpu", grad_clip_norm=clip)
+        engine = Engine(strategy, config)
+        sys.setprofile(profile)
+        try:
+            engine.fit(model, data(40))
+        finally:
+            sys.setprofile(None)
+        assert counts["apply_updates"] == expected, (clip, counts)
