@@ -19,6 +19,7 @@ from benchmarks import (
     instructions,
     memory,
     overhead,
+    per_step,
     python_in_step,
     suite,
 )
@@ -150,3 +151,23 @@ def test_python_in_step_reports_every_variant_beside_its_warm_cost() -> None:
         cells = [cell.strip() for cell in row.split("|")[2:-1]]
         assert float(cells[0]) > 0 and float(cells[2]) > 0, row
         assert len(cells[1].split(" / ")) == 3, row
+
+
+def test_per_step_reports_the_engine_and_the_floors_noise_per_workload() -> None:
+    text = per_step.main(["--tiny", "--workloads", "mlp_vae_1x4x4", "rae_l2_1x4x4"])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "_1x4x4" in line]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "mlp_vae_1x4x4 (Standard)",
+        "rae_l2_1x4x4 (Coupled)",
+    ]
+    for row in rows:
+        floor, noise, engine = (cell.strip() for cell in row.split("|")[2:5])
+        assert float(floor) > 0, row
+        assert len(noise.split(" / ")) == 3 and len(engine.split(" / ")) == 3, row
+
+
+def test_over_floor_is_each_runs_difference_at_each_quantile() -> None:
+    times = {"floor": [10.0, 12.0, 14.0], "floor again": [11.0, 12.0, 13.0], "engine": [20.0] * 3}
+    over = per_step.over_floor(times)
+    assert over["engine"] == {"min": 10.0, "q10": 10.0, "median": 8.0}
+    assert over["floor again"] == {"min": 1.0, "q10": 1.0, "median": 0.0}
