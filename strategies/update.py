@@ -100,10 +100,10 @@ def is_plain_step(update: Update, ctx: StepContext) -> bool:
     optimiser's ``step()`` and ``zero_grad()`` alone, as a hand-written loop does: one process
     (nothing to average), unsharded, no GradScaler, no clipping, no per-step scheduler,
     ``nonfinite`` not ``"skip"`` and not ``compile="step"`` (whose optimiser steps run between
-    graphs). Then a strategy may call those three directly instead of ``backward_isolated``
-    and ``apply_updates``, which do the same with fewer checks skipped: per step, each Python
-    call a strategy makes costs more than its instructions (the step's kernels leave it cold:
-    ``benchmarks/python_in_step.py``)."""
+    graphs). A strategy then calls those three directly: ``backward_isolated`` and
+    ``apply_updates`` come to the same calls in such a step, after a dozen checks and four
+    Python calls, and each Python call in a step costs several times its warm cost (the step's
+    kernels leave it cold: ``benchmarks/python_in_step.py``)."""
     scheduler = update.spec.scheduler
     return (
         not ctx.world.is_distributed
