@@ -183,6 +183,13 @@ def paired_ratio(timing: Timing, base: Timing) -> float:
     return statistics.median(a / b for a, b in zip(timing.ms_per_step, base.ms_per_step))
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The value at fraction ``q`` of ``values`` sorted (0: the minimum, 0.5: the median of
+    an odd count), with no interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:
     """A markdown table of ms/step (median, min-max), ratio to ``floor``, samples/s, memory.
 

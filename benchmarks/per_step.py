@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.grouped import grouped_runners
+from benchmarks.harness import quantile
 from benchmarks.loops import standard_runners
 from benchmarks.workloads import WORKLOADS
 
@@ -65,11 +66,6 @@ def measure(workload: str, steps: int, rounds: int, seed: int = 0) -> dict[str, 
             done = epochs[name]()
             times[name].append((time.thread_time() - started) / done * 1e6)
     return times
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def over_floor(times: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from benchmarks.harness import quantile
 from benchmarks.loops import fused_adam
 from benchmarks.workloads import WORKLOADS
 
@@ -57,7 +58,9 @@ def python_piece(n: int, reader: _Reader, outputs: Mapping[str, Any]) -> None:
 
 
 def loop_epoch(data: torch.Tensor, model: torch.nn.Module, n: int) -> Callable[[], int]:
-    """One epoch of the hand-written loop with ``python_piece(n)`` in each step."""
+    """One epoch of the hand-written loop with ``python_piece(n)`` in each step: the suite's
+    floor (``benchmarks/loops.py``'s ``sliced_epoch``) written out with the piece in it, so
+    that the floor the suite times keeps no hook of this measurement."""
     reader = _Reader()
     outputs = {"loss": torch.zeros(())}
 
@@ -109,11 +112,6 @@ def measure(steps: int, rounds: int, calls: Sequence[int] = CALLS) -> dict[str, 
     return {"times": times, "warm": warm}
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def report(result: Mapping[str, Any]) -> str:
     """A markdown table: each variant's us/step and its difference to the floor (minimum, 10%
     quantile, median over the rounds) beside the piece's warm cost."""
@@ -124,7 +122,7 @@ def report(result: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, values in times.items():
-        over = [_quantile(values, q) - _quantile(base, q) for q in (0.0, 0.1, 0.5)]
+        over = [quantile(values, q) - quantile(base, q) for q in (0.0, 0.1, 0.5)]
         lines.append(
             f"| {name} | {min(values):.1f} | {over[0]:+.1f} / {over[1]:+.1f} / {over[2]:+.1f} "
             f"| {warm[name]:.1f} |"
