@@ -94,7 +94,7 @@ def test_a_per_epoch_scheduler_keeps_the_plain_step() -> None:
     assert _full_path_calls(Standard(OptimizerSpec("SGD", lr=0.1), scheduler=spec), 6) == {}
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     seed=st.integers(0, 1000),
     optimizer=st.sampled_from(["SGD", "Adam", "AdamW", "RMSprop"]),
@@ -118,7 +118,7 @@ def _fit_case(kind: str, seed: int, flags: bool, **config: Any) -> dict[str, Any
     return {"model": snapshot(model), "strategy": strategy.state_dict()}
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     kind=st.sampled_from(["adversarial", "two_phase", "coupled", "coupled_adversarial"]),
     seed=st.integers(0, 1000),
