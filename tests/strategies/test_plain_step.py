@@ -33,9 +33,9 @@ FULL_PATH = ("backward_isolated", "apply_updates")
 def _fit(seed: int, strategy: Standard, steps: int = 6, **config: Any) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = TinyRegressor()
-    data = torch.randn(4 * steps, 4, generator=torch.Generator().manual_seed(seed))
+    samples = torch.randn(4 * steps, 4, generator=torch.Generator().manual_seed(seed))
     config = {"batch_size": 4, "shuffle": False, "output_dir": None, "device": "cpu", **config}
-    Engine(strategy, EngineConfig(**config)).fit(model, data)
+    Engine(strategy, EngineConfig(**config)).fit(model, samples)
     return snapshot(model)
 
 
