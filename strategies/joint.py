@@ -206,15 +206,20 @@ class JointUpdates:
         flags = flags_from(values, keys, ctx)
         return self._agreed(flags, ctx) if ctx.world.is_distributed else flags
 
-    @property
-    def flag_keys(self) -> dict[str, str]:
-        """Each role's flag key, ``update_<role>``."""
-        return self._flag_keys
-
-    @property
-    def loss_key_of(self) -> dict[str, str]:
-        """Each role's loss key."""
-        return self._loss_keys
+    def host_outputs(
+        self, outputs: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, torch.Tensor]
+    ) -> dict[str, dict[str, Any]]:
+        """What ``read`` needs of each role whose loss is in ``metrics`` (detached): that loss
+        and the role's ``update_<role>`` flag as the forward returned it (absent: true)."""
+        flag_keys, loss_keys = self._flag_keys, self._loss_keys
+        return {
+            role: {
+                loss_keys[role]: metrics[loss_keys[role]],
+                flag_keys[role]: served.get(flag_keys[role], True),
+            }
+            for role, served in outputs.items()
+            if role in loss_keys
+        }
 
     def can_trace_gradients(self, ctx: StepContext) -> bool:
         """Whether a compiled step can trace every role's gradient before reading its flags
@@ -397,14 +402,7 @@ def _train_on_traced_gradients(
         require_grad(updates[role], loss, ctx)
     metrics = joint.step_metrics(losses, outputs, ctx)
     gradients = isolated_gradients([(updates[role], loss) for role, loss in losses.items()], ctx)
-    flag_keys, loss_keys = joint.flag_keys, joint.loss_key_of
-    on_host = {
-        role: {
-            loss_keys[role]: metrics[loss_keys[role]],
-            flag_keys[role]: outputs[role].get(flag_keys[role], True),
-        }
-        for role in losses
-    }
+    on_host = joint.host_outputs(outputs, metrics)
     return _keep_active_gradients(joint, on_host, gradients, metrics, ctx)
 
 

@@ -111,7 +111,7 @@ def is_plain_step(update: Update, ctx: StepContext) -> bool:
         and ctx.scaler is None
         and update.spec.grad_clip_norm is None
         and ctx.grad_clip_norm is None
-        and (update.scheduler is None or scheduler is None or scheduler.interval != "step")
+        and (scheduler is None or scheduler.interval != "step")
         and ctx.nonfinite != "skip"
         and not ctx.compiled_step
     )
