@@ -16,7 +16,9 @@ How a multi-loss strategy (``Adversarial``, ``Coupled``, ``CoupledAdversarial``)
    this window). A role whose forward did not run has no record: "not run" is never read as
    "flag false". ``JointUpdates.train`` back-propagates each active loss into its own group
    alone and steps at the window's end; an update that is off neither moves its parameters nor
-   advances its optimiser (step count, moments).
+   advances its optimiser (step count, moments). A plain step (one process, a window of one
+   batch, nothing to clip, scale or check: ``is_plain_step``) does the same in one function,
+   ``_train_plain``.
 4. The strategy holds its ``JointUpdates`` as its attribute ``joint`` and takes the StepStrategy
    methods that are the same for every such strategy from ``strategies/joint_methods.py``
    (``setup, end_epoch, learning_rates, state_dict, load_state_dict = LIFECYCLE``; one forward
@@ -134,6 +136,8 @@ class JointUpdates:
     _intervals: dict[str, int] = attrs.field(init=False)
     _update_list: tuple[Update, ...] = attrs.field(default=(), init=False)
     _plain: bool = attrs.field(default=False, init=False)  # every update's is_plain_step
+    # What ``_train_plain`` reads per role, in the roles' order: role, loss key, flag key, update.
+    _plain_roles: tuple[tuple[str, str, str, Update], ...] = attrs.field(default=(), init=False)
 
     def __attrs_post_init__(self) -> None:
         self._roles = tuple(self.specs)
@@ -180,6 +184,10 @@ class JointUpdates:
         }
         self._update_list = tuple(self._updates.values())
         self._plain = all(is_plain_step(update, ctx) for update in self._update_list)
+        self._plain_roles = tuple(
+            (role, spec.loss_key, self._flag_keys[role], self._updates[role])
+            for role, spec in self.specs.items()
+        )
 
     def read_losses(
         self, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
@@ -300,13 +308,7 @@ class JointUpdates:
                 pairs.append((update, step.loss))
             if pairs:
                 backward_isolated(pairs, ctx, every_group=len(pairs) == len(updates))
-            if self._plain and ctx.micro_count == 1:  # what apply_updates comes to here
-                for update, _ in pairs:
-                    update.pending = False
-                    update.optimizer.step()
-                    update.optimizer.zero_grad(set_to_none=True)
-            else:
-                apply_updates(updates, ctx)
+            apply_updates(updates, ctx)
         else:
             skip_step(updates, ctx)
         if ctx.is_update_step:
@@ -372,6 +374,8 @@ def train_step_of(
     every step until its limit). Under several processes, or with a role on a schedule, such a
     step trains eagerly after its compiled forward instead.
     """
+    if joint._plain and ctx.micro_count == 1:
+        return _train_plain(joint, outputs, ctx)
     if ctx.compiled_step and torch.compiler.is_compiling() and joint.has_device_flags(outputs):
         if joint.can_trace_gradients(ctx):
             return _train_on_traced_gradients(joint, outputs, ctx)
@@ -385,6 +389,67 @@ def train_step_of(
 
 
 _train_step_eagerly = torch.compiler.disable(train_step_of)
+
+
+def _train_plain(
+    joint: JointUpdates, outputs: Mapping[str, Mapping[str, Any]], ctx: StepContext
+) -> dict[str, torch.Tensor]:
+    """``train_step_of`` for a plain step (every update ``is_plain_step``, a window of one
+    batch): what ``read``, ``step_metrics``, ``train`` and ``backward_isolated`` come to there,
+    in one function. The same losses, flags, metrics, backwards and steps, in the same order,
+    with no ``RoleStep`` and none of those calls: each Python call in a step costs several
+    times its warm cost, the step's kernels leaving it cold (``benchmarks/python_in_step.py``).
+    """
+    metrics: dict[str, torch.Tensor] = {}
+    served_losses: list[tuple[str, torch.Tensor, Update]] = []
+    unread: dict[str, Any] = {}  # the flags a forward returned (absent: true)
+    last: torch.Tensor | None = None
+    for role, loss_key, flag_key, update in joint._plain_roles:
+        served = outputs.get(role)
+        if served is None:  # this role's forward did not run: no loss, no flag, no update
+            continue
+        loss = ctx.read_loss(served, loss_key)
+        if loss is not last:  # one tensor serving the next role too (RAE-L2): one detach
+            last, detached = loss, loss.detach()
+        metrics[loss_key] = detached
+        served_losses.append((role, loss, update))
+        flag = served.get(flag_key, True)
+        if flag is not True:
+            unread[role] = flag
+    flags = flags_from(unread, joint._flag_keys, ctx) if unread else {}
+    if joint.metrics:
+        metrics.update(joint.step_metrics({}, outputs, ctx))
+    intervals = joint._intervals
+    active: list[Update] = []
+    merged: list[tuple[torch.Tensor, list[Update]]] = []  # the active updates by loss tensor
+    for role, loss, update in served_losses:
+        if not flags.get(role, True) or (role in intervals and not joint.scheduled(role)):
+            continue
+        if not loss.requires_grad:
+            require_grad(update, loss, ctx)
+        active.append(update)
+        for shared, sharers in merged:
+            if shared is loss:
+                sharers.append(update)
+                break
+        else:
+            merged.append((loss, [update]))
+    if len(merged) == 1 and len(active) == len(joint._plain_roles):
+        merged[0][0].backward()  # one loss for every group: they cover every parameter
+    else:
+        end = len(merged) - 1
+        for index, (loss, sharers) in enumerate(merged):
+            params = (
+                sharers[0].params
+                if len(sharers) == 1
+                else [param for update in sharers for param in update.params]
+            )
+            loss.backward(inputs=params, retain_graph=index < end)
+    for update in active:
+        update.optimizer.step()
+        update.optimizer.zero_grad(set_to_none=True)
+    joint._windows += 1  # a window of one batch ends with its batch
+    return metrics
 
 
 def _train_on_traced_gradients(

@@ -626,8 +626,50 @@ MUTATIONS: tuple[Mutation, ...] = (
         [
             (
                 "strategies/joint.py",
-                "                    update.optimizer.zero_grad(set_to_none=True)\n",
-                "",
+                "        update.optimizer.zero_grad(set_to_none=True)\n    joint._windows += 1",
+                "    joint._windows += 1",
+            )
+        ],
+        "tests/strategies/test_plain_step.py",
+    ),
+    _m(
+        "joint-plain-step-ignores-flags",
+        "a multi-role plain step leaves an update its forward switched off alone",
+        [
+            (
+                "strategies/joint.py",
+                "        if not flags.get(role, True) or (role in intervals",
+                "        if (role in intervals",
+            )
+        ],
+        "tests/strategies/test_plain_step.py",
+    ),
+    _m(
+        "joint-plain-step-ignores-schedule",
+        "a multi-role plain step keeps a role's schedule (and counts its windows)",
+        [("strategies/joint.py", "    joint._windows += 1  # a window", "    pass  # a window")],
+        "tests/strategies/test_plain_step.py",
+    ),
+    _m(
+        "joint-plain-step-drops-extra-metrics",
+        "a multi-role plain step logs the extra metrics the strategy names",
+        [
+            (
+                "strategies/joint.py",
+                "        metrics.update(joint.step_metrics({}, outputs, ctx))",
+                "        pass",
+            )
+        ],
+        "tests/strategies/test_plain_step.py",
+    ),
+    _m(
+        "joint-plain-step-never-taken",
+        "a plain multi-role step runs the fused plain path, not the full one",
+        [
+            (
+                "strategies/joint.py",
+                "    if joint._plain and ctx.micro_count == 1:\n        return _train_plain",
+                "    if False:\n        return _train_plain",
             )
         ],
         "tests/strategies/test_plain_step.py",
