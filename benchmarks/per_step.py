@@ -7,9 +7,15 @@ steps), in a random order each round, on the training thread's CPU clock. Each i
 its difference to the floor in us per step at the minimum, the 10% quantile and the median over
 the rounds. "floor again" is the method's own noise: a difference within its spread is not one.
 The suite's ratios (``benchmarks/suite.py``) move by a few percent between runs; differences of
-many rounds of short epochs resolve about 5-10 us here. Run from the repository root::
+many rounds of short epochs resolve about 5-10 us here.
 
-    python benchmarks/per_step.py                      # the four 1x4x4 workloads (~4 minutes)
+The per-fit part is measured apart, the same way, on fits of one step (five times as many
+rounds: they are short): its difference to the floor is the engine's setup (pre-flight forward,
+optimisers, the first and last log lines) plus one step's overhead. The per-step overhead
+without the setup is then ``(n * per_step - per_fit) / (n - 1)`` for epochs of ``n`` steps,
+at each quantile. Run from the repository root::
+
+    python benchmarks/per_step.py                      # the four 1x4x4 workloads (~5 minutes)
     python benchmarks/per_step.py --workloads rae_l2_1x4x4 --rounds 61
     python benchmarks/per_step.py --tiny               # 2 rounds of 5 steps: checks that it runs
 """
@@ -78,21 +84,38 @@ def over_floor(times: Mapping[str, Sequence[float]]) -> dict[str, dict[str, floa
     }
 
 
-def report(results: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
+def without_setup(
+    per_step: Mapping[str, float], per_fit: Mapping[str, float], steps: int
+) -> dict[str, float]:
+    """The per-step difference with the per-fit one taken out, at each quantile: an epoch of
+    ``steps`` costs ``setup + steps * step`` over the floor and a one-step fit ``setup + step``."""
+    return {label: (steps * per_step[label] - per_fit[label]) / (steps - 1) for label in per_step}
+
+
+def report(
+    results: Mapping[str, Mapping[str, Sequence[float]]],
+    fits: Mapping[str, Mapping[str, Sequence[float]]],
+    steps: int,
+) -> str:
+    """One row per workload: the floor's speed, the noise, the engine's difference per step
+    (setup included), per one-step fit, and per step without the setup."""
     lines = [
         "| workload (strategy) | floor us/step (min) | floor again - floor (min / q10 / median) "
-        "| engine - floor (min / q10 / median) |",
-        "|---|---:|---:|---:|",
+        "| engine - floor, us/step (min / q10 / median) | per fit, us (min / q10 / median) "
+        "| per step without the setup |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(values: Mapping[str, float]) -> str:
+        return " / ".join(f"{values[label]:+.1f}" for label in QUANTILES)
+
     for workload, times in results.items():
-        over = over_floor(times)
-        cells = [
-            " / ".join(f"{over[name][label]:+.1f}" for label in QUANTILES)
-            for name in ("floor again", "engine")
-        ]
+        over, per_fit = over_floor(times), over_floor(fits[workload])["engine"]
+        marginal = without_setup(over["engine"], per_fit, steps)
         strategy = WORKLOADS[workload].strategy
         lines.append(
-            f"| {workload} ({strategy}) | {min(times['floor']):.1f} | {cells[0]} | {cells[1]} |"
+            f"| {workload} ({strategy}) | {min(times['floor']):.1f} | {cell(over['floor again'])} "
+            f"| {cell(over['engine'])} | {cell(per_fit)} | {cell(marginal)} |"
         )
     return "\n".join(lines)
 
@@ -110,8 +133,12 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     logger.remove()  # the engine's per-fit log lines are not what is measured
     results = {name: measure(name, steps, rounds) for name in args.workloads}
-    text = report(results)
-    print(f"batch 64, {steps} steps per epoch, {rounds} rounds, 1 thread, CPU time")
+    fits = {name: measure(name, 1, 5 * rounds) for name in args.workloads}
+    text = report(results, fits, steps)
+    print(
+        f"batch 64, {steps} steps per epoch, {rounds} rounds (one-step fits: {5 * rounds}), "
+        "1 thread, CPU time"
+    )
     print(text)
     return text
 

@@ -169,9 +169,18 @@ def test_per_step_reports_the_engine_and_the_floors_noise_per_workload() -> None
         "rae_l2_1x4x4 (Coupled)",
     ]
     for row in rows:
-        floor, noise, engine = (cell.strip() for cell in row.split("|")[2:5])
+        floor, *differences = (cell.strip() for cell in row.split("|")[2:7])
         assert float(floor) > 0, row
-        assert len(noise.split(" / ")) == 3 and len(engine.split(" / ")) == 3, row
+        assert [len(cell.split(" / ")) for cell in differences] == [3, 3, 3, 3], row
+
+
+def test_the_setup_is_taken_out_of_the_per_step_difference() -> None:
+    """An epoch of 5 steps costs setup + 5 x step over the floor; a one-step fit setup + step."""
+    setup = 100.0
+    over_epoch = {"min": (setup + 5 * 4.0) / 5, "q10": 0.0, "median": (setup + 5 * 2.0) / 5}
+    over_fit = {"min": setup + 4.0, "q10": 0.0, "median": setup + 2.0}
+    steps = per_step.without_setup(over_epoch, over_fit, 5)
+    assert steps == {"min": 4.0, "q10": 0.0, "median": 2.0}
 
 
 def test_over_floor_is_each_runs_difference_at_each_quantile() -> None:
