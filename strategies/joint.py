@@ -428,7 +428,7 @@ def _train_plain(
         if not loss.requires_grad:
             require_grad(update, loss, ctx)
         active.append(update)
-        for shared, sharers in merged:
+        for shared, sharers in merged:  # update.py's _by_loss, inline: no call per step
             if shared is loss:
                 sharers.append(update)
                 break
