@@ -15,6 +15,7 @@ stay comparable on a shared, busy machine. ``clock="wall"`` takes wall time inst
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -188,6 +189,26 @@ def quantile(values: Sequence[float], q: float) -> float:
     an odd count), with no interpolation."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def shuffled_rounds(
+    epochs: Mapping[str, Callable[[], int]], rounds: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Microseconds per step of each epoch function (which returns its step count) per round,
+    on the training thread's CPU clock, after one warm-up run each (first-call caches, the
+    allocator's pools); the order is shuffled every round, from ``seed``."""
+    for epoch in epochs.values():
+        epoch()
+    times: dict[str, list[float]] = {name: [] for name in epochs}
+    order = list(epochs)
+    shuffler = random.Random(seed)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
+            started = time.thread_time()
+            done = epochs[name]()
+            times[name].append((time.thread_time() - started) / done * 1e6)
+    return times
 
 
 def markdown_table(title: str, timings: Sequence[Timing], floor: str) -> str:

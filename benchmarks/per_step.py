@@ -23,9 +23,7 @@ at each quantile. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from benchmarks.grouped import grouped_runners
-from benchmarks.harness import quantile
+from benchmarks.harness import quantile, shuffled_rounds
 from benchmarks.loops import standard_runners
 from benchmarks.workloads import WORKLOADS
 
@@ -59,19 +57,7 @@ def epochs_of(workload: str, steps: int) -> dict[str, Callable[[], int]]:
 
 def measure(workload: str, steps: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
     """us/step of each run per round (thread CPU time), the order shuffled every round."""
-    epochs = epochs_of(workload, steps)
-    for epoch in epochs.values():
-        epoch()  # warm-up: first-call caches, the allocator's pools
-    times: dict[str, list[float]] = {name: [] for name in epochs}
-    order = list(epochs)
-    shuffler = random.Random(seed)
-    for _ in range(rounds):
-        shuffler.shuffle(order)
-        for name in order:
-            started = time.thread_time()
-            done = epochs[name]()
-            times[name].append((time.thread_time() - started) / done * 1e6)
-    return times
+    return shuffled_rounds(epochs_of(workload, steps), rounds, seed)
 
 
 def over_floor(times: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:

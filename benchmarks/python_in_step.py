@@ -19,9 +19,7 @@ nothing more (``strategies/update.py``'s ``is_plain_step``). Run from the reposi
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 import timeit
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.harness import quantile
+from benchmarks.harness import quantile, shuffled_rounds
 from benchmarks.loops import fused_adam
 from benchmarks.workloads import WORKLOADS
 
@@ -91,17 +89,7 @@ def measure(steps: int, rounds: int, calls: Sequence[int] = CALLS) -> dict[str, 
     model = workload.make_model()
     variants = {"floor": 0, "floor again": 0, **{f"floor + piece x{n}": n for n in calls}}
     epochs = {name: loop_epoch(data, model, n) for name, n in variants.items()}
-    for epoch in epochs.values():
-        epoch()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    shuffler = random.Random(0)
-    for _ in range(rounds):
-        shuffler.shuffle(order)
-        for name in order:
-            started = time.thread_time()
-            done = epochs[name]()
-            times[name].append((time.thread_time() - started) / done * 1e6)
+    times = shuffled_rounds(epochs, rounds)
     reader, outputs = _Reader(), {"loss": torch.zeros(())}
     warm = {
         name: min(timeit.repeat(lambda n=n: python_piece(n, reader, outputs), number=500, repeat=5))
