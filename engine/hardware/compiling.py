@@ -23,9 +23,8 @@ device tensors (VAEGAN's equilibrium rule) has every role's gradient traced into
 before the flags are read; the flags then decide, eagerly, which gradients are kept and which
 optimisers step (``strategies/joint.py``'s ``train_step_of``). A role that is off costs its
 backward's kernels inside the graph; reading the flags first ended the graph there, and dynamo,
-resuming after the read, recompiled the rest of the step at every step until its limit.
-(VAEGAN 1x4x4 on this project's 2-core CPU: 1.04x the eager floor when the step trained
-eagerly after its compiled forward, 1.00x with the gradients traced.)
+resuming after the read, recompiled the rest of the step at every step until its limit
+(README "Performance" has what it measures).
 
 On CUDA with ``accumulate_steps == 1`` the compiled step is also captured as CUDA graphs
 (``mode="reduce-overhead"``): each step marks a new graph-tree step and its metrics are copied
